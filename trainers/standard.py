@@ -1,0 +1,130 @@
+"""The standard SAE recipe of "Towards Monosemanticity" (Bricken et al. 2023), with the
+February 2024 ghost grads of Anthropic's circuits updates.
+
+Loss on a batch x [B, D], f = ReLU(W_enc (x − b_dec) + b_enc), x̂ = W_dec f + b_dec:
+
+    L = (1/B) Σ_b ‖x_b − x̂_b‖²₂  +  λ · (1/B) Σ_b ‖f_b‖₁
+    (entropy=True: the sparsity term is (1/B) Σ_b H(p_b), p_b = f_b / Σ_i f_bi, H(p) = −Σ p log p)
+
+Decoder columns are kept at unit norm by ConstrainedAdam. The LR warms up linearly over
+`warmup_steps`, restarting after each resample.
+
+Dead-neuron resampling (appendix "Neuron Resampling"), every `resample_steps` steps: latents that
+did not fire in the window are re-initialised from inputs of the current batch sampled with
+probability ∝ ‖x − x̂‖² (their squared reconstruction error): decoder column = x/‖x‖, encoder row =
+x/‖x‖ · 0.2 · mean alive encoder-row norm, encoder bias 0; their Adam moments are zeroed.
+
+Ghost grads (February 2024 update), with `ghost_threshold`: latents that have not fired for more
+than `ghost_threshold` steps are "dead". With e = x − x̂ (held fixed), the ghost reconstruction
+ĝ = W_dec[:, dead] exp(W_enc[dead] (x − b_dec) + b_enc[dead]) is rescaled per sample to half of
+‖e‖ (scale held fixed), and L_ghost = (1/B) Σ_b ‖ĝ_b − e_b‖², rescaled to equal the reconstruction
+loss (factor held fixed), is added to L. Only dead latents' parameters receive its gradient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..dictionary import AutoEncoder
+from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, lr_multiplier, reset_adam_state_
+
+EPS = 1e-8
+
+
+@dataclass
+class StandardTrainerConfig(TrainerConfig):
+    l1_penalty: float = 1e-1  # λ
+    entropy: bool = False  # use the entropy of the normalised features instead of L1
+    resample_steps: int | None = None  # resample dead latents every this many steps
+    ghost_threshold: int | None = None  # ghost grads for latents dead more than this many steps
+    resample_encoder_scale: float = 0.2  # encoder rows = 0.2 × mean alive norm (Anthropic)
+
+
+class StandardTrainer(SAETrainer):
+    Config = StandardTrainerConfig
+    dictionary_class = AutoEncoder
+    default_lr = 1e-3
+
+    def __init__(self, config: StandardTrainerConfig):
+        super().__init__(config)
+        if config.resample_steps is not None and config.resample_steps <= 0:
+            raise ValueError(f"resample_steps must be a positive number of steps or None, got {config.resample_steps}")
+        if config.ghost_threshold is not None and config.ghost_threshold <= 0:
+            raise ValueError(f"ghost_threshold must be a positive number of steps or None, got {config.ghost_threshold}")
+        self.ae = AutoEncoder(config.activation_dim, config.dict_size).to(self.device)
+        self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr)
+
+    def lr_multiplier(self, step: int) -> float:
+        return lr_multiplier(
+            step, self.cfg.warmup_steps, self.cfg.decay_start, self.cfg.steps, restart_every=self.cfg.resample_steps
+        )
+
+    def sparsity_loss(self, f: torch.Tensor) -> torch.Tensor:
+        if self.cfg.entropy:
+            p = f / f.sum(dim=-1, keepdim=True).clamp_min(EPS)
+            return -(p * torch.log(p.clamp_min(EPS))).sum(dim=-1).mean()
+        return f.abs().sum(dim=-1).mean()
+
+    def ghost_mask(self) -> torch.Tensor | None:
+        if self.cfg.ghost_threshold is None:
+            return None
+        dead = self.dead_tracker.dead_after_steps(self.cfg.ghost_threshold)
+        return dead if bool(dead.any()) else None
+
+    def loss(self, x: torch.Tensor, step: int) -> LossOutput:
+        ghost_mask = self.ghost_mask()
+        if ghost_mask is None:
+            x_hat, f = self.ae(x, output_features=True)
+        else:
+            x_hat, x_ghost, f = self.ae(x, output_features=True, ghost_mask=ghost_mask)
+        residual = x - x_hat
+        recon_loss = residual.pow(2).sum(dim=-1).mean()
+        sparsity = self.sparsity_loss(f)
+        loss = recon_loss + self.cfg.l1_penalty * sparsity
+        metrics = {"mse_loss": recon_loss.detach(), "sparsity_loss": sparsity.detach()}
+        if ghost_mask is not None:
+            target = residual.detach()
+            scale = target.norm(dim=-1, keepdim=True) / (2 * x_ghost.norm(dim=-1, keepdim=True).clamp_min(EPS))
+            ghost_loss = (x_ghost * scale.detach() - target).pow(2).sum(dim=-1).mean()
+            ghost_loss = ghost_loss * (recon_loss / ghost_loss.clamp_min(EPS)).detach()
+            loss = loss + ghost_loss
+            metrics["ghost_loss"] = ghost_loss.detach()
+            metrics["n_ghost_latents"] = ghost_mask.sum()
+        metrics["loss"] = loss.detach()
+        return LossOutput(loss, f, metrics)
+
+    def after_optimizer_step(self, step: int, x: torch.Tensor) -> None:
+        every = self.cfg.resample_steps
+        if every is not None and (step + 1) % every == 0:
+            self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), x)
+
+    @torch.no_grad()
+    def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Re-initialise the latents in `dead_mask` [F] from inputs x [B, D]; returns the indices
+        of the latents that were resampled (at most B of them)."""
+        dead = dead_mask.nonzero().squeeze(-1)
+        if dead.numel() == 0:
+            return dead
+        x = x.reshape(-1, x.shape[-1])
+        squared_error = (x - self.ae(x)).pow(2).sum(dim=-1)
+        if not bool(squared_error.sum() > 0):
+            squared_error = torch.ones_like(squared_error)
+        n = min(dead.numel(), x.shape[0])
+        dead = dead[:n]
+        sampled = x[torch.multinomial(squared_error, n, replacement=False)]
+        directions = sampled / sampled.norm(dim=-1, keepdim=True).clamp_min(EPS)  # [n, D]
+
+        alive = ~dead_mask
+        encoder = self.ae.encoder
+        alive_norm = encoder.weight[alive].norm(dim=-1).mean() if bool(alive.any()) else torch.tensor(1.0)
+        encoder.weight[dead] = directions * alive_norm * self.cfg.resample_encoder_scale
+        encoder.bias[dead] = 0.0
+        self.ae.decoder.weight[:, dead] = directions.T
+
+        reset_adam_state_(self.optimizer, encoder.weight, dead, dim=0)
+        reset_adam_state_(self.optimizer, encoder.bias, dead, dim=0)
+        reset_adam_state_(self.optimizer, self.ae.decoder.weight, dead, dim=1)
+        self.dead_tracker.steps_since_fired[dead] = 0
+        self.dead_tracker.tokens_since_fired[dead] = 0
+        return dead
