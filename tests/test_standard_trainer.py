@@ -248,3 +248,31 @@ def test_trainSAE_rejects_bad_input(batches, kwargs, match):
 def test_trainSAE_requires_core_arguments():
     with pytest.raises(ValueError, match="sparsity_penalty"):
         trainSAE(random_batches(1), D, F, lr=1e-3, progress=False)
+
+
+# --- ground truth -------------------------------------------------------------------------------
+
+
+def test_trainSAE_recovers_synthetic_features():
+    """D=64 with 512 true features (~5 active, Zipf-like frequencies): an untrained dictionary sits
+    at chance MMCS (~0.37, measured); 1500 steps reach ~0.72 MMCS, FVU ~0.18 (measured)."""
+    from dictionary_learning.synthetic import (
+        SyntheticActivations,
+        dictionary_directions,
+        mean_max_cosine_similarity,
+    )
+
+    data = SyntheticActivations(activation_dim=64, n_features=512, mean_active=5, zipf_exponent=0.5, batch_size=256, seed=0)
+    torch.manual_seed(0)
+    untrained_mmcs = mean_max_cosine_similarity(dictionary_directions(AutoEncoder(64, 512)), data.true_features)
+    ae = trainSAE(data.batches(), 64, 512, lr=1e-2, sparsity_penalty=0.3, warmup_steps=100, steps=1500,
+                  progress=False, seed=0)
+    held_out = SyntheticActivations(activation_dim=64, n_features=512, mean_active=5, zipf_exponent=0.5,
+                                    batch_size=4096, seed=0, stream_seed=99).sample()
+    with torch.no_grad():
+        x_hat = ae(held_out)
+    fvu = ((held_out - x_hat).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum()).item()
+    mmcs = mean_max_cosine_similarity(dictionary_directions(ae), data.true_features)
+    assert untrained_mmcs < 0.45
+    assert mmcs > 0.65, mmcs
+    assert fvu < 0.3, fvu
