@@ -1,0 +1,100 @@
+"""Gated SAE training (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated Sparse
+Autoencoders", section 3).
+
+The dictionary (GatedAutoEncoder) separates which latents fire from how strongly:
+
+    π_gate(x) = W_gate (x − b_dec) + b_gate,    π_mag(x) = exp(r_mag) ⊙ W_gate (x − b_dec) + b_mag
+    f(x) = 1[π_gate(x) > 0] ⊙ ReLU(π_mag(x)),   x̂(f) = W_dec f + b_dec
+
+The Heaviside gate has no gradient, so the gate path is trained through ReLU(π_gate) instead. On a
+batch x [B, D] (every term a batch mean of per-token sums over D or F):
+
+    L = ‖x − x̂(f(x))‖²₂                                  reconstruction (trains the magnitudes)
+      + λ ‖ReLU(π_gate(x))‖₁                             sparsity, on the gate path only
+      + ‖x − x̂_frozen(ReLU(π_gate(x)))‖²₂                 auxiliary: the gate alone must reconstruct
+
+x̂_frozen uses a frozen (stop-gradient) copy of W_dec and b_dec, so the auxiliary term trains the
+gate path (W_gate, b_gate) and not the decoder; b_dec still receives its gradient through the
+input centering x − b_dec, as in the paper's pseudo-code. The magnitude path (r_mag, b_mag) is
+trained by the reconstruction term alone, and as the L1 penalty touches only the gate, the
+magnitudes suffer no shrinkage. Decoder columns are kept at unit norm (ConstrainedAdam), which
+keeps the L1 penalty meaningful (with free norms it could be shrunk away by scaling W_gate down
+and W_dec up). Adam runs with β1 = 0, β2 = 0.999 (`adam_betas`, DeepMind's setting and that of
+saprmarks/dictionary_learning's original gated trainer). Dead latents can be resampled as in
+Bricken et al. (2023), as the paper does (`resample_steps`; the LR warmup restarts after each).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..dictionary import GatedAutoEncoder
+from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, lr_multiplier, sparsity_multiplier
+from .p_anneal import resample_dead_latents_
+
+
+@dataclass
+class GatedSAETrainerConfig(TrainerConfig):
+    l1_penalty: float = 1e-1  # λ
+    adam_betas: tuple[float, float] = (0.0, 0.999)
+    resample_steps: int | None = None  # resample dead latents every this many steps
+    resample_encoder_scale: float = 0.2
+
+
+class GatedSAETrainer(SAETrainer):
+    Config = GatedSAETrainerConfig
+    dictionary_class = GatedAutoEncoder
+    default_lr = 5e-5  # saprmarks/dictionary_learning's default (the paper used 3e-4 at its input scale)
+
+    def __init__(self, config: GatedSAETrainerConfig):
+        super().__init__(config)
+        if config.resample_steps is not None and config.resample_steps <= 0:
+            raise ValueError(f"resample_steps must be a positive number of steps or None, got {config.resample_steps}")
+        betas = tuple(config.adam_betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {config.adam_betas!r}")
+        self.ae = GatedAutoEncoder(config.activation_dim, config.dict_size).to(self.device)
+        self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr, betas=betas)
+
+    def lr_multiplier(self, step: int) -> float:
+        return lr_multiplier(
+            step, self.cfg.warmup_steps, self.cfg.decay_start, self.cfg.steps, restart_every=self.cfg.resample_steps
+        )
+
+    def sparsity_penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """λ ‖ReLU(π_gate)‖₁ (batch mean) for gate = ReLU(π_gate) [..., F] (non-negative)."""
+        l1 = gate.sum(dim=-1).mean()
+        return self.cfg.l1_penalty * l1, {"sparsity_loss": l1.detach()}
+
+    def loss_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(f, ReLU(π_gate), reconstruction loss, auxiliary loss) on x [..., D]."""
+        f, gate = self.ae.encode(x, return_gate=True)  # [..., F] each
+        x_hat = self.ae.decode(f)
+        # the gate path through a frozen decoder: gradients reach W_gate and b_gate only
+        x_hat_gate = F.linear(gate, self.ae.decoder.weight.detach(), self.ae.decoder_bias.detach())
+        recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
+        aux_loss = (x - x_hat_gate).pow(2).sum(dim=-1).mean()
+        return f, gate, recon_loss, aux_loss
+
+    def loss(self, x: torch.Tensor, step: int) -> LossOutput:
+        f, gate, recon_loss, aux_loss = self.loss_terms(x)
+        penalty, metrics = self.sparsity_penalty(gate, step)
+        loss = recon_loss + sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * penalty + aux_loss
+        metrics.update(mse_loss=recon_loss.detach(), aux_loss=aux_loss.detach(), loss=loss.detach())
+        return LossOutput(loss, f, metrics)
+
+    def after_optimizer_step(self, step: int, x: torch.Tensor) -> None:
+        every = self.cfg.resample_steps
+        if every is not None and (step + 1) % every == 0:
+            self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), x)
+
+    def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Re-initialise the latents in `dead_mask` [F] from inputs x (gate row, decoder column,
+        b_gate, b_mag and r_mag); returns their indices."""
+        ae = self.ae
+        return resample_dead_latents_(
+            ae, self.optimizer, self.dead_tracker, dead_mask, x, [ae.gate_bias, ae.mag_bias, ae.r_mag],
+            self.cfg.resample_encoder_scale,
+        )
