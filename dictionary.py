@@ -614,11 +614,13 @@ class JumpReluAutoEncoder(Dictionary):
 
 
 def _save_threshold_not_log(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict() hook of JumpReluAutoEncoder: save θ = exp(log θ) under `threshold`."""
     log_threshold = state_dict.pop(prefix + "log_threshold")
     state_dict[prefix + "threshold"] = log_threshold.detach().exp()
 
 
-def _load_threshold_as_log(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+def _load_threshold_as_log(module, state_dict, prefix, *args) -> None:
+    """load_state_dict() hook of JumpReluAutoEncoder: `threshold` θ becomes log θ (θ ≤ 0 → −inf)."""
     if prefix + "threshold" in state_dict:
         threshold = state_dict.pop(prefix + "threshold")
         state_dict[prefix + "log_threshold"] = threshold.clamp_min(0).log()
