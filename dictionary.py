@@ -7,8 +7,10 @@ operation acts on the last dimension.
 """
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -273,8 +275,6 @@ class GatedAutoEncoder(Dictionary):
 # Their features are exactly zero off a small set of latents, so they are held as SparseCodes
 # and decoded with one embedding-bag sum instead of a dense [N, F] @ [F, D] matmul.
 # =============================================================================================
-import math  # noqa: E402
-from typing import ClassVar, NamedTuple  # noqa: E402
 
 
 class SparseCodes(NamedTuple):

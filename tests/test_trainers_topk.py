@@ -203,9 +203,10 @@ def test_topk_loss_with_auxk_matches_dense_autograd(kernels):
     trainer.dead_tracker.tokens_since_fired[::3] = 5  # every third latent is dead
     x = torch.randn(32, D)
     out = trainer.loss(x, step=0)
-    assert ((out.features != 0).sum(-1) == 4).all()
-    features_3d = trainer.loss(x.reshape(4, 8, D), step=0).features  # k per token, not per row of 8
-    assert features_3d.shape == (32, F_SMALL) and features_3d.equal(out.features)
+    features = out.features.to_dense(F_SMALL)
+    assert ((features != 0).sum(-1) == 4).all()
+    features_3d = trainer.loss(x.reshape(4, 8, D), step=0).features.to_dense(F_SMALL)  # k per token, not per row of 8
+    assert features_3d.shape == (32, F_SMALL) and features_3d.equal(features)
 
     pre = F.linear(x - ae.b_dec, ae.encoder.weight, ae.encoder.bias)
     top = pre.topk(4, dim=-1)
@@ -237,7 +238,7 @@ def test_batch_topk_losses_match_dense_autograd(matryoshka, kernels):
     _randomise_biases(ae)
     x = torch.randn(32, D)
     out = trainer.loss(x, step=0)
-    assert (out.features != 0).sum() == 4 * 32
+    assert (out.features.to_dense(F_SMALL) != 0).sum() == 4 * 32
 
     pre = F.linear(x - ae.b_dec, ae.encoder_rows, ae.encoder_bias)
     top = pre.flatten().topk(4 * 32)
@@ -260,7 +261,7 @@ def test_matryoshka_loss_is_the_sum_of_prefix_losses_by_hand():
             trainer.ae.b_enc.zero_()
             trainer.ae.b_dec.zero_()
         out = trainer.loss(torch.tensor([[3.0, 2.0]]), step=0)
-        torch.testing.assert_close(out.features, torch.tensor([[3.0, 0, 0, 2]]))
+        torch.testing.assert_close(out.features.to_dense(4), torch.tensor([[3.0, 0, 0, 2]]))
         torch.testing.assert_close(out.loss, torch.tensor(expected))
         torch.testing.assert_close(out.metrics["mse_loss"], torch.tensor(0.0))
 

@@ -1,5 +1,6 @@
 """What every training recipe shares: config, LR and sparsity schedules, dead-latent tracking,
-the unit-norm decoder constraint (ConstrainedAdam), AuxK, and checkpointable state.
+the unit-norm decoder constraint (ConstrainedAdam), dead-latent resampling, and checkpointable
+state. (AuxK, which only the TopK family uses, lives with its other shared pieces in top_k.py.)
 
 A recipe subclasses `SAETrainer`, declares its `Config` dataclass and `dictionary_class`, builds
 its dictionary and optimizer in `__init__`, and implements `loss(x, step) -> (loss, metrics)`.
@@ -9,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Iterable, NamedTuple
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
-from ..dictionary import Dictionary
+from ..dictionary import Dictionary, SparseCodes
 
 
 @dataclass
@@ -68,10 +69,18 @@ class DeadLatentTracker:
         self.tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def update(self, f: torch.Tensor) -> None:
-        """f [..., F]: the features of one training batch."""
-        fired = (f.reshape(-1, f.shape[-1]) != 0).any(dim=0)
-        n_tokens = f.numel() // f.shape[-1]
+    def update(self, features: torch.Tensor | SparseCodes) -> None:
+        """`features` of one training batch: dense [..., F] (non-negative, as every dictionary of
+        the library produces) or `SparseCodes`. A latent fired if any token has it nonzero."""
+        dict_size = self.steps_since_fired.shape[0]
+        if isinstance(features, SparseCodes):
+            fired = torch.zeros(dict_size, dtype=torch.bool, device=self.steps_since_fired.device)
+            fired[features.columns[features.values != 0]] = True
+            n_tokens = features.n_rows
+        else:
+            flat = features.reshape(-1, dict_size)
+            fired = flat.amax(dim=0) > 0  # one pass over [N, F]; features are >= 0
+            n_tokens = flat.shape[0]
         self.steps_since_fired += 1
         self.tokens_since_fired += n_tokens
         self.steps_since_fired[fired] = 0
@@ -156,39 +165,50 @@ def reset_adam_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, ind
             state[key].index_fill_(dim, index, 0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# AuxK (Gao et al. 2024, appendix A.2)
-# --------------------------------------------------------------------------------------------
-
-
-def auxk_loss(
-    pre_activations: torch.Tensor,
+@torch.no_grad()
+def resample_dead_latents_(
+    ae: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dead_tracker: DeadLatentTracker,
     dead_mask: torch.Tensor,
-    residual: torch.Tensor,
-    decoder_weight: torch.Tensor,
-    k_aux: int,
+    x: torch.Tensor,
+    latent_params: Iterable[nn.Parameter],
+    encoder_scale: float = 0.2,
 ) -> torch.Tensor:
-    """Reconstruct the main model's error e = x − x̂ (detached) from the top-`k_aux` dead latents:
+    """Re-initialise the latents in `dead_mask` [F] (bool) from inputs x [..., D], in place.
 
-        ê = W_dec[:, dead] TopK_aux(ReLU(pre[dead]))
-        L_aux = ‖e − ê‖² / ‖e − ē‖²   (batch sums; normalised by the residual's variance)
-
-    pre_activations [N, F], dead_mask [F] bool, residual [N, D], decoder_weight [D, F].
-    Returns 0 when no latent is dead.
+    For a dictionary with `encoder.weight` [F, D] and `decoder.weight` [D, F]: inputs are sampled
+    without replacement with probability ∝ ‖x − x̂‖²; for each resampled latent i with input x,
+    decoder column i = x/‖x‖, encoder row i = encoder_scale · (mean alive encoder-row norm) · x/‖x‖,
+    and every per-latent parameter in `latent_params` ([F] each: biases, r_mag) is zeroed. The
+    Adam moments of exactly those rows/columns/entries are zeroed and their dead counters reset.
+    At most one latent per input is resampled; returns the indices of the resampled latents.
     """
-    n_dead = int(dead_mask.sum())
-    if n_dead == 0:
-        return pre_activations.new_zeros(())
     dead = dead_mask.nonzero().squeeze(-1)
-    k = min(k_aux, n_dead)
-    dead_pre = F.relu(pre_activations[:, dead])
-    values, indices = dead_pre.topk(k, dim=-1, sorted=False)
-    # ê = Σ_j values_j · W_dec[:, dead[indices_j]]
-    chosen_directions = decoder_weight.T[dead][indices]  # [N, k, D]
-    residual_hat = torch.einsum("nk,nkd->nd", values, chosen_directions)
-    residual = residual.detach()
-    total_variance = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum()
-    return (residual_hat - residual).pow(2).sum() / total_variance.clamp_min(1e-12)
+    if dead.numel() == 0:
+        return dead
+    x = x.reshape(-1, x.shape[-1])
+    squared_error = (x - ae(x)).pow(2).sum(dim=-1)
+    if not bool(squared_error.sum() > 0):
+        squared_error = torch.ones_like(squared_error)
+    n = min(dead.numel(), x.shape[0])
+    dead = dead[:n]
+    sampled = x[torch.multinomial(squared_error, n, replacement=False)]
+    directions = sampled / sampled.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [n, D]
+
+    encoder_weight, decoder_weight = ae.encoder.weight, ae.decoder.weight
+    alive = ~dead_mask
+    alive_norm = encoder_weight[alive].norm(dim=-1).mean() if bool(alive.any()) else torch.tensor(1.0)
+    encoder_weight[dead] = directions * alive_norm * encoder_scale
+    decoder_weight[:, dead] = directions.T
+    reset_adam_state_(optimizer, encoder_weight, dead, dim=0)
+    reset_adam_state_(optimizer, decoder_weight, dead, dim=1)
+    for param in latent_params:
+        param[dead] = 0.0
+        reset_adam_state_(optimizer, param, dead, dim=0)
+    dead_tracker.steps_since_fired[dead] = 0
+    dead_tracker.tokens_since_fired[dead] = 0
+    return dead
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +218,7 @@ def auxk_loss(
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to minimise
-    features: torch.Tensor  # [N, F] the batch's features (for dead-latent tracking)
+    features: torch.Tensor | SparseCodes  # the batch's features [N, F] (for dead-latent tracking)
     metrics: dict[str, torch.Tensor]  # detached scalars for logging
 
 

@@ -31,8 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from ..dictionary import GatedAutoEncoder
-from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, lr_multiplier, sparsity_multiplier
-from .p_anneal import resample_dead_latents_
+from .base import (
+    ConstrainedAdam,
+    LossOutput,
+    SAETrainer,
+    TrainerConfig,
+    lr_multiplier,
+    resample_dead_latents_,
+    sparsity_multiplier,
+)
 
 
 @dataclass

@@ -150,7 +150,7 @@ class JumpReluTrainer(SAETrainer):
             codes = SparseCodes(JumpReLUFunction.apply(z, entry_threshold, bandwidth), rows, columns, n_tokens)
             x_hat = sparse_decode(codes, ae.W_dec) + ae.b_dec
             l0 = StepFunction.apply(z, entry_threshold, bandwidth).sum() / n_tokens
-            features = codes._replace(values=codes.values.detach()).to_dense(self.cfg.dict_size)
+            features = codes._replace(values=codes.values.detach())
         recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
         if self.cfg.target_l0 is None:
             sparsity = l0

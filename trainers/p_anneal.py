@@ -34,20 +34,16 @@ and resampling writes the new weights (there it assigned into a copy, leaving th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
-
 import torch
-import torch.nn as nn
 
 from ..dictionary import AutoEncoder
 from .base import (
     ConstrainedAdam,
-    DeadLatentTracker,
     LossOutput,
     SAETrainer,
     TrainerConfig,
     lr_multiplier,
-    reset_adam_state_,
+    resample_dead_latents_,
     sparsity_multiplier,
 )
 
@@ -185,52 +181,6 @@ def check_anneal_config(cfg, trainer_name: str) -> int:
     if cfg.resample_steps is not None and cfg.resample_steps <= 0:
         raise ValueError(f"resample_steps must be a positive number of steps or None, got {cfg.resample_steps}")
     return anneal_end
-
-
-@torch.no_grad()
-def resample_dead_latents_(
-    ae: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    dead_tracker: DeadLatentTracker,
-    dead_mask: torch.Tensor,
-    x: torch.Tensor,
-    latent_params: Iterable[nn.Parameter],
-    encoder_scale: float = 0.2,
-) -> torch.Tensor:
-    """Re-initialise the latents in `dead_mask` [F] (bool) from inputs x [..., D], in place.
-
-    For a dictionary with `encoder.weight` [F, D] and `decoder.weight` [D, F]: inputs are sampled
-    without replacement with probability ∝ ‖x − x̂‖²; for each resampled latent i with input x,
-    decoder column i = x/‖x‖, encoder row i = encoder_scale · (mean alive encoder-row norm) · x/‖x‖,
-    and every per-latent parameter in `latent_params` ([F] each: biases, r_mag) is zeroed. The
-    Adam moments of exactly those rows/columns/entries are zeroed and their dead counters reset.
-    At most one latent per input is resampled; returns the indices of the resampled latents.
-    """
-    dead = dead_mask.nonzero().squeeze(-1)
-    if dead.numel() == 0:
-        return dead
-    x = x.reshape(-1, x.shape[-1])
-    squared_error = (x - ae(x)).pow(2).sum(dim=-1)
-    if not bool(squared_error.sum() > 0):
-        squared_error = torch.ones_like(squared_error)
-    n = min(dead.numel(), x.shape[0])
-    dead = dead[:n]
-    sampled = x[torch.multinomial(squared_error, n, replacement=False)]
-    directions = sampled / sampled.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [n, D]
-
-    encoder_weight, decoder_weight = ae.encoder.weight, ae.decoder.weight
-    alive = ~dead_mask
-    alive_norm = encoder_weight[alive].norm(dim=-1).mean() if bool(alive.any()) else torch.tensor(1.0)
-    encoder_weight[dead] = directions * alive_norm * encoder_scale
-    decoder_weight[:, dead] = directions.T
-    reset_adam_state_(optimizer, encoder_weight, dead, dim=0)
-    reset_adam_state_(optimizer, decoder_weight, dead, dim=1)
-    for param in latent_params:
-        param[dead] = 0.0
-        reset_adam_state_(optimizer, param, dead, dim=0)
-    dead_tracker.steps_since_fired[dead] = 0
-    dead_tracker.tokens_since_fired[dead] = 0
-    return dead
 
 
 @dataclass

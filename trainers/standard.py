@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import AutoEncoder
-from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, lr_multiplier, reset_adam_state_
+from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, lr_multiplier, resample_dead_latents_
 
 EPS = 1e-8
 
@@ -99,32 +99,10 @@ class StandardTrainer(SAETrainer):
         if every is not None and (step + 1) % every == 0:
             self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), x)
 
-    @torch.no_grad()
     def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Re-initialise the latents in `dead_mask` [F] from inputs x [B, D]; returns the indices
         of the latents that were resampled (at most B of them)."""
-        dead = dead_mask.nonzero().squeeze(-1)
-        if dead.numel() == 0:
-            return dead
-        x = x.reshape(-1, x.shape[-1])
-        squared_error = (x - self.ae(x)).pow(2).sum(dim=-1)
-        if not bool(squared_error.sum() > 0):
-            squared_error = torch.ones_like(squared_error)
-        n = min(dead.numel(), x.shape[0])
-        dead = dead[:n]
-        sampled = x[torch.multinomial(squared_error, n, replacement=False)]
-        directions = sampled / sampled.norm(dim=-1, keepdim=True).clamp_min(EPS)  # [n, D]
-
-        alive = ~dead_mask
-        encoder = self.ae.encoder
-        alive_norm = encoder.weight[alive].norm(dim=-1).mean() if bool(alive.any()) else torch.tensor(1.0)
-        encoder.weight[dead] = directions * alive_norm * self.cfg.resample_encoder_scale
-        encoder.bias[dead] = 0.0
-        self.ae.decoder.weight[:, dead] = directions.T
-
-        reset_adam_state_(self.optimizer, encoder.weight, dead, dim=0)
-        reset_adam_state_(self.optimizer, encoder.bias, dead, dim=0)
-        reset_adam_state_(self.optimizer, self.ae.decoder.weight, dead, dim=1)
-        self.dead_tracker.steps_since_fired[dead] = 0
-        self.dead_tracker.tokens_since_fired[dead] = 0
-        return dead
+        return resample_dead_latents_(
+            self.ae, self.optimizer, self.dead_tracker, dead_mask, x,
+            latent_params=[self.ae.encoder.bias], encoder_scale=self.cfg.resample_encoder_scale,
+        )

@@ -372,7 +372,7 @@ class TopKTrainer(SAETrainer):
             )
             loss = loss + self.cfg.auxk_alpha * aux
             metrics["auxk_loss"] = aux.detach()
-        features = codes._replace(values=codes.values.detach()).to_dense(self.cfg.dict_size)
+        features = codes._replace(values=codes.values.detach())
         metrics.update(
             mse_loss=residual.detach().pow(2).sum(dim=-1).mean(),
             loss=loss.detach(),
