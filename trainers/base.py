@@ -255,7 +255,11 @@ class SAETrainer:
 
     # -- shared machinery --------------------------------------------------------------------
     def lr_multiplier(self, step: int) -> float:
-        return lr_multiplier(step, self.cfg.warmup_steps, self.cfg.decay_start, self.cfg.steps)
+        """Warmup, optional decay; recipes that resample restart the warmup after each resample."""
+        return lr_multiplier(
+            step, self.cfg.warmup_steps, self.cfg.decay_start, self.cfg.steps,
+            restart_every=getattr(self.cfg, "resample_steps", None),
+        )
 
     def set_lr(self, step: int) -> None:
         lr = self.lr * self.lr_multiplier(step)
@@ -266,7 +270,14 @@ class SAETrainer:
         """Hook between backward and the optimizer step (gradient projection, clipping)."""
 
     def after_optimizer_step(self, step: int, x: torch.Tensor) -> None:
-        """Hook after the optimizer step (renormalisation, resampling, threshold updates)."""
+        """Hook after the optimizer step (renormalisation, threshold updates). By default, a recipe
+        with `resample_steps` resamples the latents that did not fire in the last window."""
+        every = getattr(self.cfg, "resample_steps", None)
+        if every is not None and (step + 1) % every == 0:
+            self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), x)
+
+    def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not resample dead latents")
 
     def update(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimisation step on the batch x [B, D]; returns detached metrics."""

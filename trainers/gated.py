@@ -36,7 +36,6 @@ from .base import (
     LossOutput,
     SAETrainer,
     TrainerConfig,
-    lr_multiplier,
     resample_dead_latents_,
     sparsity_multiplier,
 )
@@ -65,11 +64,6 @@ class GatedSAETrainer(SAETrainer):
         self.ae = GatedAutoEncoder(config.activation_dim, config.dict_size).to(self.device)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr, betas=betas)
 
-    def lr_multiplier(self, step: int) -> float:
-        return lr_multiplier(
-            step, self.cfg.warmup_steps, self.cfg.decay_start, self.cfg.steps, restart_every=self.cfg.resample_steps
-        )
-
     def sparsity_penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """λ ‖ReLU(π_gate)‖₁ (batch mean) for gate = ReLU(π_gate) [..., F] (non-negative)."""
         l1 = gate.sum(dim=-1).mean()
@@ -91,11 +85,6 @@ class GatedSAETrainer(SAETrainer):
         loss = recon_loss + sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * penalty + aux_loss
         metrics.update(mse_loss=recon_loss.detach(), aux_loss=aux_loss.detach(), loss=loss.detach())
         return LossOutput(loss, f, metrics)
-
-    def after_optimizer_step(self, step: int, x: torch.Tensor) -> None:
-        every = self.cfg.resample_steps
-        if every is not None and (step + 1) % every == 0:
-            self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), x)
 
     def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Re-initialise the latents in `dead_mask` [F] from inputs x (gate row, decoder column,

@@ -47,16 +47,7 @@ class GatedAnnealTrainer(GatedSAETrainer):
     def __init__(self, config: GatedAnnealTrainerConfig):
         anneal_end = check_anneal_config(config, type(self).__name__)
         super().__init__(config)
-        self.anneal = PAnnealSchedule(
-            config.initial_sparsity_penalty,
-            config.p_start,
-            config.p_end,
-            config.anneal_start,
-            anneal_end,
-            config.n_sparsity_updates,
-            config.sparsity_queue_length,
-            config.sparsity_function,
-        )
+        self.anneal = PAnnealSchedule.from_config(config, anneal_end)
 
     @property
     def p(self) -> float:

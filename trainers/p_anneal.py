@@ -42,7 +42,6 @@ from .base import (
     LossOutput,
     SAETrainer,
     TrainerConfig,
-    lr_multiplier,
     resample_dead_latents_,
     sparsity_multiplier,
 )
@@ -69,6 +68,14 @@ class PAnnealSchedule:
     State: `n_changes_done` (how many of the N jumps happened), `sparsity_coeff` (λ now) and the
     queue of (S_p(f), S_p_next(f)) measured on the batches before the coming jump.
     """
+
+    @classmethod
+    def from_config(cls, config, anneal_end: int) -> "PAnnealSchedule":
+        """The schedule of a PAnnealTrainerConfig / GatedAnnealTrainerConfig."""
+        return cls(
+            config.initial_sparsity_penalty, config.p_start, config.p_end, config.anneal_start, anneal_end,
+            config.n_sparsity_updates, config.sparsity_queue_length, config.sparsity_function,
+        )
 
     def __init__(
         self,
@@ -205,16 +212,7 @@ class PAnnealTrainer(SAETrainer):
     def __init__(self, config: PAnnealTrainerConfig):
         super().__init__(config)
         anneal_end = check_anneal_config(config, type(self).__name__)
-        self.anneal = PAnnealSchedule(
-            config.initial_sparsity_penalty,
-            config.p_start,
-            config.p_end,
-            config.anneal_start,
-            anneal_end,
-            config.n_sparsity_updates,
-            config.sparsity_queue_length,
-            config.sparsity_function,
-        )
+        self.anneal = PAnnealSchedule.from_config(config, anneal_end)
         self.ae = AutoEncoder(config.activation_dim, config.dict_size).to(self.device)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr)
 
@@ -225,11 +223,6 @@ class PAnnealTrainer(SAETrainer):
     @property
     def sparsity_coeff(self) -> float:
         return self.anneal.sparsity_coeff
-
-    def lr_multiplier(self, step: int) -> float:
-        return lr_multiplier(
-            step, self.cfg.warmup_steps, self.cfg.decay_start, self.cfg.steps, restart_every=self.cfg.resample_steps
-        )
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         x_hat, f = self.ae(x, output_features=True)
@@ -243,11 +236,6 @@ class PAnnealTrainer(SAETrainer):
         metrics = super().update(step, x)
         self.anneal.observe(step, metrics)
         return metrics
-
-    def after_optimizer_step(self, step: int, x: torch.Tensor) -> None:
-        every = self.cfg.resample_steps
-        if every is not None and (step + 1) % every == 0:
-            self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), x)
 
     def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Re-initialise the latents in `dead_mask` [F] from inputs x; returns their indices."""

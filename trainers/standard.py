@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import AutoEncoder
-from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, lr_multiplier, resample_dead_latents_
+from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, resample_dead_latents_
 
 EPS = 1e-8
 
@@ -54,11 +54,6 @@ class StandardTrainer(SAETrainer):
             raise ValueError(f"ghost_threshold must be a positive number of steps or None, got {config.ghost_threshold}")
         self.ae = AutoEncoder(config.activation_dim, config.dict_size).to(self.device)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr)
-
-    def lr_multiplier(self, step: int) -> float:
-        return lr_multiplier(
-            step, self.cfg.warmup_steps, self.cfg.decay_start, self.cfg.steps, restart_every=self.cfg.resample_steps
-        )
 
     def sparsity_loss(self, f: torch.Tensor) -> torch.Tensor:
         if self.cfg.entropy:
@@ -93,11 +88,6 @@ class StandardTrainer(SAETrainer):
             metrics["n_ghost_latents"] = ghost_mask.sum()
         metrics["loss"] = loss.detach()
         return LossOutput(loss, f, metrics)
-
-    def after_optimizer_step(self, step: int, x: torch.Tensor) -> None:
-        every = self.cfg.resample_steps
-        if every is not None and (step + 1) % every == 0:
-            self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), x)
 
     def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Re-initialise the latents in `dead_mask` [F] from inputs x [B, D]; returns the indices
