@@ -139,11 +139,15 @@ class AutoEncoder(Dictionary):
                 self.encoder.bias.zero_()
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """W_enc (x − b_dec) + b_enc, [..., F]"""
-        return self.encoder(x - self.bias)
+        """W_enc (x − b_dec) + b_enc = W_enc x + (b_enc − W_enc b_dec), [..., F].
+
+        The second form needs no [..., D] copy of x and no gradient back into it: ∂/∂b_dec is a
+        matrix-vector product instead of a full [N, F] × [F, D] matmul.
+        """
+        return F.linear(x, self.encoder.weight, self.encoder.bias - self.encoder.weight @ self.bias)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.pre_activations(x))
+        return torch.relu_(self.pre_activations(x))  # in place: π is a fresh tensor nobody else holds
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return self.decoder(f) + self.bias

@@ -128,6 +128,13 @@ def remove_parallel_gradient_(weight: torch.Tensor, dim: int = 0) -> None:
     weight.grad.sub_(parallel * unit)
 
 
+def fused_adam_supported(params) -> bool:
+    """Whether Adam's fused kernel (one pass over all parameters) applies: floating tensors on
+    CPU or CUDA. It computes the same update as the per-parameter loop."""
+    params = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 class ConstrainedAdam(torch.optim.Adam):
     """Adam whose `constrained_params` (decoder weights [D, F]) keep unit-norm columns.
 
@@ -136,6 +143,8 @@ class ConstrainedAdam(torch.optim.Adam):
     """
 
     def __init__(self, params, constrained_params, lr: float, betas=(0.9, 0.999), norm_dim: int = 0, **kwargs):
+        params = list(params)
+        kwargs.setdefault("fused", fused_adam_supported(params))
         super().__init__(params, lr=lr, betas=betas, **kwargs)
         self.constrained_params = list(constrained_params)
         self.norm_dim = norm_dim

@@ -59,7 +59,7 @@ class StandardTrainer(SAETrainer):
         if self.cfg.entropy:
             p = f / f.sum(dim=-1, keepdim=True).clamp_min(EPS)
             return -(p * torch.log(p.clamp_min(EPS))).sum(dim=-1).mean()
-        return f.abs().sum(dim=-1).mean()
+        return f.sum(dim=-1).mean()  # f = ReLU(π) >= 0, so this is ‖f‖₁
 
     def ghost_mask(self) -> torch.Tensor | None:
         if self.cfg.ghost_threshold is None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import AutoEncoder
-from .base import LossOutput, SAETrainer, TrainerConfig, sparsity_multiplier
+from .base import LossOutput, SAETrainer, TrainerConfig, fused_adam_supported, sparsity_multiplier
 
 
 @dataclass
@@ -74,7 +74,8 @@ class StandardTrainerAprilUpdate(SAETrainer):
             self.ae.encoder.weight.copy_(self.ae.decoder.weight.T)
             self.ae.encoder.bias.zero_()
             self.ae.bias.zero_()
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        params = list(self.ae.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), fused=fused_adam_supported(params))
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         x_hat, f = self.ae(x, output_features=True)
