@@ -24,7 +24,6 @@ from dictionary_learning import ActivationBuffer  # noqa: E402
 from dictionary_learning.buffer import token_mask  # noqa: E402
 
 
-torch.set_num_threads(1)  # tiny models: thread sync costs more than it saves on a shared CPU
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,6 @@ D, F_ = 8, 32
 K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 CLASSES = {
     "AutoEncoder": ({}, "standard"),
     "GatedAutoEncoder": ({}, "gated"),

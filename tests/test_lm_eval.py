@@ -13,7 +13,6 @@ from lm_fixtures import ENDOFTEXT, documents, tiny_gpt_neox, wrap  # noqa: E402
 from dictionary_learning import ActivationBuffer, AutoEncoder, IdentityDict  # noqa: E402
 from dictionary_learning.evaluation import evaluate, loss_recovered  # noqa: E402
 
-torch.set_num_threads(1)  # tiny models: thread sync costs more than it saves on a shared CPU
 pytestmark = pytest.mark.filterwarnings("ignore:frac_alive was measured over only")
 
 MLP = "gpt_neox.layers.1.mlp"

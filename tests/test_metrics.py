@@ -8,7 +8,6 @@ import torch.nn as nn
 
 from dictionary_learning.evaluation import MIN_TOKENS_FOR_FRAC_ALIVE, MetricAccumulator, tensor_metrics
 
-torch.set_num_threads(1)  # small tensors: thread sync costs more than it saves on a shared CPU
 
 KEYS = {"mse", "l2_loss", "l1", "l0", "frac_alive", "frac_variance_explained", "cossim", "l2_ratio",
         "relative_reconstruction_bias", "tokens"}

@@ -17,12 +17,6 @@ D, F_ = 8, 32
 K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 GROUP_SIZES = [4, 12, 16]  # Matryoshka groups, sum F_
 
 # constructor arguments beyond (activation_dim, dict_size), per class

@@ -17,13 +17,6 @@ from dictionary_learning.utils import load_dictionary
 D, F_ = 8, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is fastest (and steady on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Stream:
@@ -66,18 +59,6 @@ def recipe_config(name, **overrides):
     config.update({key: value for key, value in extras.items() if key in fields})
     config.update(overrides)
     return config
-
-
-def available(names):
-    params = []
-    for name in names:
-        try:
-            get_trainer_class(name)
-        except (ImportError, AttributeError):
-            params.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name} is not implemented yet")))
-        else:
-            params.append(name)
-    return params
 
 
 def assert_identical(a, b):
@@ -190,7 +171,7 @@ def saved_dictionary(folder):
     return load_dictionary(folder, normalize_decoder=False)[0]
 
 
-@pytest.mark.parametrize("name", available(trainer_names()))
+@pytest.mark.parametrize("name", trainer_names())
 def test_crashed_run_resumes_exactly(tmp_path, name):
     n1, n2 = 11, 24
     batches = make_batches(n2, seed=2)
@@ -266,10 +247,6 @@ def test_resume_restores_dictionary_tensors_bit_for_bit(tmp_path):
     """JumpReLU saves θ = exp(log θ) in its state dict, and log(exp(v)) ≠ v for ~1% of floats; the
     training state must carry log θ itself."""
     name = "JumpReluTrainer"
-    try:
-        get_trainer_class(name)
-    except (ImportError, AttributeError):
-        pytest.skip(f"{name} is not implemented yet")
     from dictionary_learning.training import _load_training_state, _save_training_state, build_trainer
 
     trainer = build_trainer(recipe_config(name), steps=10)

@@ -20,7 +20,6 @@ from dictionary_learning.synthetic import (
 )
 
 
-torch.set_num_threads(1)  # small tensors: thread sync costs more than it saves on a shared CPU
 
 def small(**overrides):
     return SyntheticActivations(SyntheticConfig(**{"activation_dim": 16, "n_features": 64, "batch_size": 512,
