@@ -19,24 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import GatedAutoEncoder
-from .base import TrainerConfig
 from .gated import GatedSAETrainer
-from .p_anneal import PAnnealSchedule, check_anneal_config
+from .p_anneal import PAnnealSchedule, PAnnealTrainerConfig, check_anneal_config
 
 
 @dataclass
-class GatedAnnealTrainerConfig(TrainerConfig):
-    initial_sparsity_penalty: float = 1e-1  # λ at p = p_start
-    sparsity_function: str = "Lp^p"  # "Lp^p": Σ g_i^p (paper); "Lp": (Σ g_i^p)^(1/p)
-    p_start: float = 1.0
-    p_end: float = 0.2
-    anneal_start: int = 15000  # first change of p (after this step)
-    anneal_end: int | None = None  # None: the end of the run (`steps`)
-    n_sparsity_updates: int = 10  # N: number of changes of p
-    sparsity_queue_length: int = 10  # batches averaged when rescaling λ at a change
+class GatedAnnealTrainerConfig(PAnnealTrainerConfig):
+    """The p-annealing fields (applied to the gate path), plus the gated recipe's Adam betas."""
+
     adam_betas: tuple[float, float] = (0.0, 0.999)
-    resample_steps: int | None = None
-    resample_encoder_scale: float = 0.2
 
 
 class GatedAnnealTrainer(GatedSAETrainer):
