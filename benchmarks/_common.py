@@ -120,6 +120,22 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": ms[0], "iqr_ms": q3 - q1, "n": len(ms)}
 
 
+@torch.no_grad()
+def settle_jumprelu_thresholds(trainer, x: torch.Tensor, l0: float) -> float:
+    """JumpReLU's steady state for timing, in either library: every θ_i set to the one value above
+    which the pre-activations π = x W_enc + b_enc of batch x have `l0` active latents per token on
+    average (θ ≥ 0.001, the initialisation). Without it the first steps run with θ = 0.001 and about
+    half of all latents active, a regime training leaves within its first few hundred steps."""
+    ae = trainer.ae
+    pre = (x @ ae.W_enc + ae.b_enc).flatten()
+    theta = pre.kthvalue(pre.numel() - int(l0 * x.shape[0])).values.clamp_min(1e-3)
+    if hasattr(ae, "log_threshold"):
+        ae.log_threshold.fill_(float(theta.log()))
+    else:
+        ae.threshold.fill_(float(theta))
+    return float(theta)
+
+
 def dense_floor(activation_dim: int, dict_size: int, batch_size: int, seed: int = 0) -> Callable[[], None]:
     """A callable doing the six dense matmuls of one SAE step at its own shapes:
 

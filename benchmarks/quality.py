@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--penalties", type=float, nargs="*", default=None,
                         help="sparsity penalties for the L1 recipes (default: 0.03 0.1 0.3; quick: 0.1)")
     parser.add_argument("--heldout-batches", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="one learning rate for every recipe and both libraries (default: each recipe's)")
     args = parser.parse_args()
     _common.set_threads(args.threads)
     _common.set_clock(args.clock)
@@ -88,6 +90,7 @@ def main() -> None:
     for name, why in skipped.items():
         print(f"skipping {name}: {why}")
     schedule = {
+        **({"lr": args.lr} if args.lr is not None else {}),
         "warmup_steps": max(1, steps // 20), "sparsity_warmup_steps": max(1, steps // 10),
         "threshold_start_step": max(1, steps // 10), "anneal_start": steps // 2,
     }

@@ -45,6 +45,8 @@ def train_step(config: dict, tensors: dict) -> dict:
             row = {"trainer": run["trainer"], "size": size["name"]}
             try:
                 trainer, dropped = reference_trainer(run["trainer"], run["kwargs"])
+                if run["trainer"] == "JumpReluTrainer":  # time it in its steady state, like the thresholds
+                    row["theta"] = _common.settle_jumprelu_thresholds(trainer, batches[0], run["kwargs"]["target_l0"])
                 step = iter(range(10**9))
 
                 def one_step():

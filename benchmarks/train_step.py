@@ -4,7 +4,8 @@
 
 For each recipe in `dictionary_learning.trainers.trainer_names()` whose module exists, at
 (D=512, F=8192, B=4096) and (D=128, F=2048, B=1024) (k=32 for the TopK family), on in-memory
-float32 activations: steady-state step time (after `--warmup` steps, thresholds running), timed
+float32 activations: steady-state step time (after `--warmup` steps, thresholds running; JumpReLU's
+θ settled so that L0 = its target_l0 = 32, `_common.settle_jumprelu_thresholds`), timed
 in blocks alternating with the six dense matmuls of one SAE step at the same shapes (the floor
 for a dense step, see `_common.dense_floor`), and the step time ÷ that floor. With --reference,
 the same on saprmarks/dictionary_learning 0.1.0 in its own virtualenv (same batches, seed,
@@ -88,6 +89,8 @@ def main() -> None:
             row = {"trainer": run["trainer"], "size": size["name"]}
             try:
                 trainer, dropped = _common.build_our_trainer(run["trainer"], run["kwargs"])
+                if run["trainer"] == "JumpReluTrainer":  # time it in its steady state, like the thresholds
+                    row["theta"] = _common.settle_jumprelu_thresholds(trainer, data[0], run["kwargs"]["target_l0"])
                 counter = iter(range(10**9))
 
                 def one_step():

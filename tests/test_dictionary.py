@@ -131,3 +131,35 @@ def test_scale_biases_folds_input_scaling():
     trained_on_scaled = ae(s * x) / s
     ae.scale_biases(1 / s)
     torch.testing.assert_close(ae(x), trained_on_scaled)
+
+
+def _gated_reference(ae, x):
+    """The gated SAE's defining formula, differentiated by plain autograd."""
+    x_enc = (x - ae.decoder_bias) @ ae.encoder.weight.T
+    gate = torch.relu(x_enc + ae.gate_bias)
+    magnitude = torch.relu(ae.r_mag.exp() * x_enc + ae.mag_bias)
+    return torch.where(x_enc + ae.gate_bias > 0, magnitude, torch.zeros_like(magnitude)), gate
+
+
+@pytest.mark.parametrize("shape", [(33,), (3, 11)])
+def test_gated_fused_encode_matches_formula_and_its_gradients(shape):
+    from dictionary_learning import GatedAutoEncoder
+
+    torch.manual_seed(0)
+    ae = GatedAutoEncoder(8, 40).double()
+    with torch.no_grad():  # every parameter away from its zero init, so every gradient term counts
+        for p in (ae.decoder_bias, ae.r_mag, ae.gate_bias, ae.mag_bias):
+            p.normal_(0, 0.5)
+    x = torch.randn(*shape, 8, dtype=torch.float64, requires_grad=True)
+    grad_f, grad_gate = torch.randn(*shape, 40, dtype=torch.float64), torch.randn(*shape, 40, dtype=torch.float64)
+    results = []
+    for encode in (lambda: ae.encode(x, return_gate=True), lambda: _gated_reference(ae, x)):
+        ae.zero_grad()
+        x.grad = None
+        f, gate = encode()
+        ((f * grad_f).sum() + (gate * grad_gate).sum()).backward()
+        results.append([f.detach(), gate.detach(), x.grad] + [p.grad for p in ae.parameters() if p is not ae.decoder.weight])
+    fused, reference = results
+    assert (fused[0] > 0).any() and (fused[0] == 0).any() and ((fused[1] > 0) & (fused[0] == 0)).any()
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -276,3 +276,28 @@ def test_trainSAE_recovers_synthetic_features():
     assert untrained_mmcs < 0.45
     assert mmcs > 0.65, mmcs
     assert fvu < 0.3, fvu
+
+
+def test_cpu_trainer_makes_glibc_reuse_freed_blocks():
+    """A CPU trainer turns off glibc's fresh mmap per large block: a second [B, F]-sized temporary
+    then reuses the first one's pages instead of page-faulting every 4 KiB of them again."""
+    import ctypes
+    import os
+    import resource
+    import sys
+
+    from dictionary_learning.trainers.base import keep_freed_cpu_memory
+
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version
+    except AttributeError:
+        pytest.skip("not glibc")
+    if not sys.platform.startswith("linux") or "LD_PRELOAD" in os.environ or any(
+            k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        pytest.skip("malloc is tuned by the environment")
+    StandardTrainer(StandardTrainerConfig(activation_dim=4, dict_size=8))
+    assert keep_freed_cpu_memory()
+    torch.ones(1 << 24)  # 64 MiB, above glibc's largest mmap threshold; freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(1 << 24)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000  # a fresh mmap: 16,384

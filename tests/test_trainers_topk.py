@@ -545,3 +545,21 @@ def test_saved_dictionary_loads_with_from_pretrained(trained, name):
     x = trained["held_out"][:60].reshape(3, 20, 64)
     assert loaded(x).equal(ae(x))
     assert loaded.encode(x).equal(ae.encode(x))
+
+
+@pytest.mark.parametrize("case", ["continuous", "ties", "unlucky_sample"])
+def test_largest_entries_is_topk(case):
+    from dictionary_learning.dictionary import largest_entries
+
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(64 * 2048, generator=generator)
+    if case == "ties":  # many equal values around the cutoff
+        values = (values * 4).round()
+    if case == "unlucky_sample":  # every sampled entry is among the largest: the cutoff is too high
+        values[::16] += 100.0
+    m = 32 * 64
+    top, positions = largest_entries(values, m)
+    expected = values.topk(m).values
+    assert positions.unique().numel() == m
+    assert torch.equal(values[positions], top)
+    assert torch.equal(top.sort(descending=True).values, expected)  # the same multiset of values
