@@ -367,7 +367,6 @@ def largest_entries(values: torch.Tensor, m: int, sample_stride: int = 16) -> tu
     ~2m entries are expected to be ≥ c); if at least m entries are ≥ c, the m largest all are, and
     topk runs on those candidates only; otherwise (an unlucky sample) on everything.
     """
-    n = values.numel()
     sample = values[::sample_stride]
     sample_k = 2 * m // sample_stride + 8
     if m < 1024 or sample_k >= sample.numel() // 2:  # small or dense selections: plain topk
