@@ -280,13 +280,13 @@ def test_trainSAE_recovers_synthetic_features():
 
 def test_cpu_trainer_makes_glibc_reuse_freed_blocks():
     """A CPU trainer turns off glibc's fresh mmap per large block: a second [B, F]-sized temporary
-    then reuses the first one's pages instead of page-faulting every 4 KiB of them again."""
+    then reuses the first one's pages instead of page-faulting every 4 KiB of them again
+    (checked in a fresh process, as a training process would be)."""
     import ctypes
     import os
-    import resource
+    import pathlib
+    import subprocess
     import sys
-
-    from dictionary_learning.trainers.base import keep_freed_cpu_memory
 
     try:
         ctypes.CDLL(None).gnu_get_libc_version
@@ -295,9 +295,37 @@ def test_cpu_trainer_makes_glibc_reuse_freed_blocks():
     if not sys.platform.startswith("linux") or "LD_PRELOAD" in os.environ or any(
             k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
         pytest.skip("malloc is tuned by the environment")
-    StandardTrainer(StandardTrainerConfig(activation_dim=4, dict_size=8))
-    assert keep_freed_cpu_memory()
-    torch.ones(1 << 24)  # 64 MiB, above glibc's largest mmap threshold; freed at once
+    root = pathlib.Path(__file__).resolve().parents[1]
+    probe = f"""
+import importlib.util, resource, sys, torch
+spec = importlib.util.spec_from_file_location(
+    "dictionary_learning", {str(root / "__init__.py")!r}, submodule_search_locations=[{str(root)!r}])
+sys.modules["dictionary_learning"] = module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+from dictionary_learning.trainers.base import keep_freed_cpu_memory
+from dictionary_learning.trainers.standard import StandardTrainer, StandardTrainerConfig
+def faults_of_64_mib_block():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(1 << 24)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000  # a fresh mmap: 16,384
+    torch.ones(1 << 24)  # 64 MiB, above glibc's largest mmap threshold; freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_64_mib_block()
+untuned = faults_of_64_mib_block()
+StandardTrainer(StandardTrainerConfig(activation_dim=4, dict_size=8))
+faults_of_64_mib_block()
+print(untuned, faults_of_64_mib_block(), keep_freed_cpu_memory())
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    untuned, tuned, kept = result.stdout.split()
+    assert kept == "True"
+    assert int(untuned) > 10_000 and int(tuned) < 1000  # a fresh mmap faults 16,384 pages
+
+
+def test_standard_init_encoder_is_a_tenth_of_the_decoder_transpose():
+    trainer = StandardTrainer(StandardTrainerConfig(activation_dim=16, dict_size=32, seed=0))
+    ae = trainer.ae
+    torch.testing.assert_close(ae.decoder.weight.norm(dim=0), torch.ones(32))
+    torch.testing.assert_close(ae.encoder.weight, 0.1 * ae.decoder.weight.T)
+    assert torch.count_nonzero(ae.encoder.bias) == 0 and torch.count_nonzero(ae.bias) == 0
+    with pytest.raises(ValueError, match="init_encoder_scale"):
+        StandardTrainer(StandardTrainerConfig(activation_dim=16, dict_size=32, init_encoder_scale=0.0))

@@ -454,10 +454,10 @@ SYN_CONFIGS = {
 #   recipe                      L0    FVU    MMCS   dead     untrained MMCS
 #   StandardTrainerAprilUpdate  11.5  0.263  0.763  6.6%     0.372
 #   GatedSAETrainer              4.8  0.330  0.610  7.0%     0.372
-#   PAnnealTrainer              10.2  0.294  0.468  18.6%    0.369
+#   PAnnealTrainer               6.1  0.284  0.710  31.8%    0.369   (0.468 with W_enc = W_decᵀ)
 #   GatedAnnealTrainer           5.1  0.344  0.611  17.0%    0.372
 MIN_MMCS = {
-    "StandardTrainerAprilUpdate": 0.70, "GatedSAETrainer": 0.55, "PAnnealTrainer": 0.43, "GatedAnnealTrainer": 0.55
+    "StandardTrainerAprilUpdate": 0.70, "GatedSAETrainer": 0.55, "PAnnealTrainer": 0.65, "GatedAnnealTrainer": 0.55
 }
 MAX_FVU = {
     "StandardTrainerAprilUpdate": 0.32, "GatedSAETrainer": 0.40, "PAnnealTrainer": 0.35, "GatedAnnealTrainer": 0.40
@@ -497,8 +497,11 @@ def trained_on_synthetic(request):
 
 
 def test_training_lowers_the_reconstruction_loss(trained_on_synthetic):
-    _, _, mse, _, _ = trained_on_synthetic
-    assert sum(mse[-20:]) / 20 < 0.5 * sum(mse[:5]) / 5
+    name, _, mse, _, _ = trained_on_synthetic
+    # p-annealing starts from W_enc = 0.1 W_decᵀ, so its first MSE is about E‖x‖² (f ≈ 0) rather than
+    # the overshoot of a unit-norm encoder, and the annealed penalty then trades MSE for L0
+    drop = 0.7 if name == "PAnnealTrainer" else 0.5
+    assert sum(mse[-20:]) / 20 < drop * sum(mse[:5]) / 5
 
 
 def test_learns_the_true_features(trained_on_synthetic):

@@ -47,6 +47,7 @@ class GatedSAETrainerConfig(TrainerConfig):
     adam_betas: tuple[float, float] = (0.0, 0.999)
     resample_steps: int | None = None  # resample dead latents every this many steps
     resample_encoder_scale: float = 0.2
+    init_encoder_scale: float = 1.0  # W_gate = init_encoder_scale · W_decᵀ at init (1: the paper's tied init)
 
 
 class GatedSAETrainer(SAETrainer):
@@ -61,7 +62,11 @@ class GatedSAETrainer(SAETrainer):
         betas = tuple(config.adam_betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {config.adam_betas!r}")
+        if not config.init_encoder_scale > 0:
+            raise ValueError(f"init_encoder_scale must be > 0, got {config.init_encoder_scale}")
         self.ae = GatedAutoEncoder(config.activation_dim, config.dict_size).to(self.device)
+        with torch.no_grad():
+            self.ae.encoder.weight.mul_(config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr, betas=betas)
 
     def sparsity_penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

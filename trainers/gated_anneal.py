@@ -28,6 +28,7 @@ class GatedAnnealTrainerConfig(PAnnealTrainerConfig):
     """The p-annealing fields (applied to the gate path), plus the gated recipe's Adam betas."""
 
     adam_betas: tuple[float, float] = (0.0, 0.999)
+    init_encoder_scale: float = 1.0  # the gated recipe's tied init (p-annealing's standard SAE uses 0.1)
 
 
 class GatedAnnealTrainer(GatedSAETrainer):

@@ -202,6 +202,7 @@ class PAnnealTrainerConfig(TrainerConfig):
     sparsity_queue_length: int = 10  # batches averaged when rescaling λ at a change
     resample_steps: int | None = None  # resample dead latents every this many steps
     resample_encoder_scale: float = 0.2
+    init_encoder_scale: float = 0.1  # W_enc = init_encoder_scale · W_decᵀ at initialisation
 
 
 class PAnnealTrainer(SAETrainer):
@@ -214,6 +215,8 @@ class PAnnealTrainer(SAETrainer):
         anneal_end = check_anneal_config(config, type(self).__name__)
         self.anneal = PAnnealSchedule.from_config(config, anneal_end)
         self.ae = AutoEncoder(config.activation_dim, config.dict_size).to(self.device)
+        with torch.no_grad():  # the standard recipe's initialisation (standard.py)
+            self.ae.encoder.weight.mul_(config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr)
 
     @property

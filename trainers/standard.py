@@ -6,8 +6,14 @@ Loss on a batch x [B, D], f = ReLU(W_enc (x − b_dec) + b_enc), x̂ = W_dec f +
     L = (1/B) Σ_b ‖x_b − x̂_b‖²₂  +  λ · (1/B) Σ_b ‖f_b‖₁
     (entropy=True: the sparsity term is (1/B) Σ_b H(p_b), p_b = f_b / Σ_i f_bi, H(p) = −Σ p log p)
 
+Initialisation: decoder columns unit-norm random directions, W_enc = 0.1 · W_decᵀ, biases 0. The
+small encoder keeps most latents below threshold at first; with W_enc = W_decᵀ each latent fires on
+about half the inputs and the L1 term spends the first thousands of steps shrinking them (on the
+synthetic benchmark: MMCS 0.43 instead of 0.95 after 1,500 steps). 0.1 is the scale of Anthropic's
+April 2024 update and of saprmarks/dictionary_learning's AutoEncoder.
+
 Decoder columns are kept at unit norm by ConstrainedAdam. The LR warms up linearly over
-`warmup_steps`, restarting after each resample.
+`warmup_steps`, restarting after each resample; λ warms up linearly over `sparsity_warmup_steps`.
 
 Dead-neuron resampling (appendix "Neuron Resampling"), every `resample_steps` steps: latents that
 did not fire in the window are re-initialised from inputs of the current batch sampled with
@@ -27,7 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import AutoEncoder
-from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, resample_dead_latents_
+from .base import (
+    ConstrainedAdam,
+    LossOutput,
+    SAETrainer,
+    TrainerConfig,
+    resample_dead_latents_,
+    sparsity_multiplier,
+)
 
 EPS = 1e-8
 
@@ -39,6 +52,7 @@ class StandardTrainerConfig(TrainerConfig):
     resample_steps: int | None = None  # resample dead latents every this many steps
     ghost_threshold: int | None = None  # ghost grads for latents dead more than this many steps
     resample_encoder_scale: float = 0.2  # encoder rows = 0.2 × mean alive norm (Anthropic)
+    init_encoder_scale: float = 0.1  # W_enc = init_encoder_scale · W_decᵀ at initialisation
 
 
 class StandardTrainer(SAETrainer):
@@ -52,7 +66,11 @@ class StandardTrainer(SAETrainer):
             raise ValueError(f"resample_steps must be a positive number of steps or None, got {config.resample_steps}")
         if config.ghost_threshold is not None and config.ghost_threshold <= 0:
             raise ValueError(f"ghost_threshold must be a positive number of steps or None, got {config.ghost_threshold}")
+        if not config.init_encoder_scale > 0:
+            raise ValueError(f"init_encoder_scale must be > 0, got {config.init_encoder_scale}")
         self.ae = AutoEncoder(config.activation_dim, config.dict_size).to(self.device)
+        with torch.no_grad():
+            self.ae.encoder.weight.mul_(config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr)
 
     def sparsity_loss(self, f: torch.Tensor) -> torch.Tensor:
@@ -76,7 +94,7 @@ class StandardTrainer(SAETrainer):
         residual = x - x_hat
         recon_loss = residual.pow(2).sum(dim=-1).mean()
         sparsity = self.sparsity_loss(f)
-        loss = recon_loss + self.cfg.l1_penalty * sparsity
+        loss = recon_loss + self.cfg.l1_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * sparsity
         metrics = {"mse_loss": recon_loss.detach(), "sparsity_loss": sparsity.detach()}
         if ghost_mask is not None:
             target = residual.detach()
