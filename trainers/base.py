@@ -198,6 +198,14 @@ class ConstrainedAdam(torch.optim.Adam):
 
 
 @torch.no_grad()
+def scale_encoder_init_(encoder_weight: torch.Tensor, init_encoder_scale: float) -> None:
+    """W_enc ← init_encoder_scale · W_enc at initialisation (W_enc starts as W_decᵀ)."""
+    if not init_encoder_scale > 0:
+        raise ValueError(f"init_encoder_scale must be > 0, got {init_encoder_scale}")
+    encoder_weight.mul_(init_encoder_scale)
+
+
+@torch.no_grad()
 def reset_adam_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, index, dim: int = 0) -> None:
     """Zero Adam's moments (exp_avg, exp_avg_sq) of `param` at `index` along `dim`.
 

@@ -37,6 +37,7 @@ from .base import (
     SAETrainer,
     TrainerConfig,
     resample_dead_latents_,
+    scale_encoder_init_,
     sparsity_multiplier,
 )
 
@@ -62,11 +63,8 @@ class GatedSAETrainer(SAETrainer):
         betas = tuple(config.adam_betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {config.adam_betas!r}")
-        if not config.init_encoder_scale > 0:
-            raise ValueError(f"init_encoder_scale must be > 0, got {config.init_encoder_scale}")
         self.ae = GatedAutoEncoder(config.activation_dim, config.dict_size).to(self.device)
-        with torch.no_grad():
-            self.ae.encoder.weight.mul_(config.init_encoder_scale)
+        scale_encoder_init_(self.ae.encoder.weight, config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr, betas=betas)
 
     def sparsity_penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

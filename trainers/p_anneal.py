@@ -43,6 +43,7 @@ from .base import (
     SAETrainer,
     TrainerConfig,
     resample_dead_latents_,
+    scale_encoder_init_,
     sparsity_multiplier,
 )
 
@@ -214,11 +215,8 @@ class PAnnealTrainer(SAETrainer):
         super().__init__(config)
         anneal_end = check_anneal_config(config, type(self).__name__)
         self.anneal = PAnnealSchedule.from_config(config, anneal_end)
-        if not config.init_encoder_scale > 0:
-            raise ValueError(f"init_encoder_scale must be > 0, got {config.init_encoder_scale}")
         self.ae = AutoEncoder(config.activation_dim, config.dict_size).to(self.device)
-        with torch.no_grad():  # the standard recipe's initialisation (standard.py)
-            self.ae.encoder.weight.mul_(config.init_encoder_scale)
+        scale_encoder_init_(self.ae.encoder.weight, config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr)
 
     @property

@@ -39,6 +39,7 @@ from .base import (
     SAETrainer,
     TrainerConfig,
     resample_dead_latents_,
+    scale_encoder_init_,
     sparsity_multiplier,
 )
 
@@ -66,11 +67,8 @@ class StandardTrainer(SAETrainer):
             raise ValueError(f"resample_steps must be a positive number of steps or None, got {config.resample_steps}")
         if config.ghost_threshold is not None and config.ghost_threshold <= 0:
             raise ValueError(f"ghost_threshold must be a positive number of steps or None, got {config.ghost_threshold}")
-        if not config.init_encoder_scale > 0:
-            raise ValueError(f"init_encoder_scale must be > 0, got {config.init_encoder_scale}")
         self.ae = AutoEncoder(config.activation_dim, config.dict_size).to(self.device)
-        with torch.no_grad():
-            self.ae.encoder.weight.mul_(config.init_encoder_scale)
+        scale_encoder_init_(self.ae.encoder.weight, config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr)
 
     def sparsity_loss(self, f: torch.Tensor) -> torch.Tensor:
