@@ -225,16 +225,16 @@ class GatedEncode(torch.autograd.Function):
     """(f, g) = (1[π_gate > 0] ⊙ ReLU(π_mag), ReLU(π_gate)) with z = x W_gateᵀ [N, F],
     π_gate = z + c_gate and π_mag = s ⊙ z + c_mag (s = exp(r_mag); c_gate, c_mag, r_mag: [F]).
 
-    One matmul and three [N, F] passes forward; backward, with δ_mag = ∂f ⊙ 1[f > 0] and
-    δ_gate = ∂g ⊙ 1[g > 0]: ∂z = δ_gate + s ⊙ δ_mag, ∂W_gate = ∂zᵀ x, ∂c_gate = Σ_n δ_gate,
-    ∂c_mag = Σ_n δ_mag, ∂r_mag = Σ_n δ_mag ⊙ s ⊙ z = Σ_n δ_mag ⊙ (f − c_mag) (where δ_mag ≠ 0,
-    f = π_mag), so z is never stored. Matches autograd through the plain formula (tests/test_dictionary.py).
+    z is computed by the caller without autograd and consumed (its storage becomes g); forward
+    is three [N, F] passes. Backward, with δ_mag = ∂f ⊙ 1[f > 0] and δ_gate = ∂g ⊙ 1[g > 0]:
+    ∂z = δ_gate + s ⊙ δ_mag, ∂W_gate = ∂zᵀ x, ∂c_gate = Σ_n δ_gate, ∂c_mag = Σ_n δ_mag,
+    ∂r_mag = Σ_n δ_mag ⊙ s ⊙ z = Σ_n δ_mag ⊙ (f − c_mag) (where δ_mag ≠ 0, f = π_mag), so z is
+    never stored. Matches autograd through the plain formula (tests/test_dictionary.py).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, gate_bias, r_mag, mag_bias):
+    def forward(ctx, z, x, weight, gate_bias, r_mag, mag_bias):
         scale = r_mag.exp()
-        z = x @ weight.T  # [N, F]
         f = torch.addcmul(mag_bias, z, scale).relu_()  # ReLU(π_mag)
         gate = z.add_(gate_bias).relu_()  # ReLU(π_gate), in z's storage
         _zero_where_not_positive(f, gate, out=f)
@@ -250,9 +250,9 @@ class GatedEncode(torch.autograd.Function):
         grad_mag_bias = delta_mag.sum(0)
         grad_r_mag = (delta_mag * f).sum(0) - mag_bias * grad_mag_bias
         delta.addcmul_(delta_mag, scale)
-        grad_x = delta @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = delta.T @ x if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, grad_gate_bias, grad_r_mag, grad_mag_bias
+        grad_x = delta @ weight if ctx.needs_input_grad[1] else None
+        grad_weight = delta.T @ x if ctx.needs_input_grad[2] else None
+        return None, grad_x, grad_weight, grad_gate_bias, grad_r_mag, grad_mag_bias
 
 
 class GatedAutoEncoder(Dictionary):
@@ -297,14 +297,19 @@ class GatedAutoEncoder(Dictionary):
         and π_mag = exp(r_mag) ⊙ z + (b_mag − exp(r_mag) ⊙ W_gate b_dec), so b_dec's gradient is a
         matrix-vector product and the elementwise work is one fused autograd Function.
         """
-        scale = self.r_mag.exp()
-        centre = self.encoder.weight @ self.decoder_bias  # W_gate b_dec, [F]
-        f, gate = GatedEncode.apply(
-            x.reshape(-1, x.shape[-1]), self.encoder.weight, self.gate_bias - centre, self.r_mag,
-            self.mag_bias - scale * centre,
-        )
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            z = flat @ self.encoder.weight.T  # [N, F]
+        gate_bias, mag_bias = self.folded_biases()
+        f, gate = GatedEncode.apply(z, flat, self.encoder.weight, gate_bias, self.r_mag, mag_bias)
         f, gate = f.view(*x.shape[:-1], -1), gate.view(*x.shape[:-1], -1)
         return (f, gate) if return_gate else f
+
+    def folded_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_gate, c_mag) [F] with π_gate = W_gate x + c_gate and π_mag = exp(r_mag) ⊙ W_gate x + c_mag:
+        b_dec folded in, c_gate = b_gate − W_gate b_dec and c_mag = b_mag − exp(r_mag) ⊙ W_gate b_dec."""
+        centre = self.encoder.weight @ self.decoder_bias  # W_gate b_dec, [F]
+        return self.gate_bias - centre, self.mag_bias - self.r_mag.exp() * centre
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return self.decoder(f) + self.decoder_bias

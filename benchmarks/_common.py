@@ -136,6 +136,29 @@ def settle_jumprelu_thresholds(trainer, x: torch.Tensor, l0: float) -> float:
     return float(theta)
 
 
+def settle_gates(trainer, x: torch.Tensor, l0: float) -> float:
+    """A gated SAE's steady state for timing, in either library (same parameter names): one
+    constant c subtracted from every b_gate so that π_gate = W_gate (x − b_dec) + b_gate − c > 0
+    for `l0` latents per token on average over batch x, as in a trained gated SAE (at init about
+    half of all gates are open). Returns c."""
+    ae = trainer.ae
+    with torch.no_grad():
+        pre = ((x - ae.decoder_bias) @ ae.encoder.weight.T + ae.gate_bias).flatten()
+        shift = float(pre.kthvalue(pre.numel() - int(l0 * x.shape[0])).values)
+        ae.gate_bias.sub_(shift)
+    return shift
+
+
+def settle(trainer, run: dict, x: torch.Tensor) -> dict:
+    """Put a freshly built trainer (ours or the reference's) into the steady state `run` asks
+    for (`train_step` runs): JumpReLU's θ at L0 = target_l0; gated runs with "gate_l0" at that L0."""
+    if run["trainer"] == "JumpReluTrainer":
+        return {"theta": settle_jumprelu_thresholds(trainer, x, run["kwargs"]["target_l0"])}
+    if run.get("gate_l0") is not None:
+        return {"gate_shift": settle_gates(trainer, x, run["gate_l0"])}
+    return {}
+
+
 def dense_floor(activation_dim: int, dict_size: int, batch_size: int, seed: int = 0) -> Callable[[], None]:
     """A callable doing the six dense matmuls of one SAE step at its own shapes:
 

@@ -42,11 +42,10 @@ def train_step(config: dict, tensors: dict) -> dict:
         for run in config["runs"]:
             if (run["activation_dim"], run["dict_size"]) != (D, F):
                 continue
-            row = {"trainer": run["trainer"], "size": size["name"]}
+            row = {"trainer": run["label"], "size": size["name"]}
             try:
                 trainer, dropped = reference_trainer(run["trainer"], run["kwargs"])
-                if run["trainer"] == "JumpReluTrainer":  # time it in its steady state, like the thresholds
-                    row["theta"] = _common.settle_jumprelu_thresholds(trainer, batches[0], run["kwargs"]["target_l0"])
+                row.update(_common.settle(trainer, run, batches[0]))
                 step = iter(range(10**9))
 
                 def one_step():

@@ -5,7 +5,8 @@
 For each recipe in `dictionary_learning.trainers.trainer_names()` whose module exists, at
 (D=512, F=8192, B=4096) and (D=128, F=2048, B=1024) (k=32 for the TopK family), on in-memory
 float32 activations: steady-state step time (after `--warmup` steps, thresholds running; JumpReLU's
-θ settled so that L0 = its target_l0 = 32, `_common.settle_jumprelu_thresholds`), timed
+θ settled so that L0 = its target_l0 = 32, `_common.settle_jumprelu_thresholds`; the gated recipes
+both from init, where half the gates are open, and with b_gate settled so that L0 = 32), timed
 in blocks alternating with the six dense matmuls of one SAE step at the same shapes (the floor
 for a dense step, see `_common.dense_floor`), and the step time ÷ that floor. With --reference,
 the same on saprmarks/dictionary_learning 0.1.0 in its own virtualenv (same batches, seed,
@@ -29,6 +30,8 @@ SIZES = [
 QUICK_SIZES = [
     {"name": "quick", "activation_dim": 64, "dict_size": 512, "batch_size": 256},
 ]
+GATED = ("GatedSAETrainer", "GatedAnnealTrainer")
+GATE_L0 = 32  # the gated recipes are timed twice: 5 steps from init (half the gates open) and settled here
 N_BATCHES = 4  # distinct batches cycled through (a step never sees the same batch twice in a row)
 
 
@@ -77,7 +80,9 @@ def main() -> None:
             kwargs = _common.trainer_kwargs(name, D, F, steps=100_000, seed=args.seed,
                                             overrides={"warmup_steps": 2, "sparsity_warmup_steps": 2,
                                                        "threshold_start_step": 0})
-            runs.append({"trainer": name, "activation_dim": D, "dict_size": F, "kwargs": kwargs})
+            runs.append({"trainer": name, "label": name, "activation_dim": D, "dict_size": F, "kwargs": kwargs})
+            if name in GATED:  # also in a trained gated SAE's sparse regime
+                runs.append({**runs[-1], "label": f"{name} L0={GATE_L0}", "gate_l0": GATE_L0})
 
     batches = {f"batches_{s['activation_dim']}_{s['batch_size']}": make_batches(s, args.seed) for s in sizes}
     ours = []
@@ -86,11 +91,10 @@ def main() -> None:
         data = batches[f"batches_{D}_{B}"]
         floor = _common.dense_floor(D, F, B, seed=args.seed)
         for run in (r for r in runs if (r["activation_dim"], r["dict_size"]) == (D, F)):
-            row = {"trainer": run["trainer"], "size": size["name"]}
+            row = {"trainer": run["label"], "size": size["name"]}
             try:
                 trainer, dropped = _common.build_our_trainer(run["trainer"], run["kwargs"])
-                if run["trainer"] == "JumpReluTrainer":  # time it in its steady state, like the thresholds
-                    row["theta"] = _common.settle_jumprelu_thresholds(trainer, data[0], run["kwargs"]["target_l0"])
+                row.update(_common.settle(trainer, run, data[0]))
                 counter = iter(range(10**9))
 
                 def one_step():

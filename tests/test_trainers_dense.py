@@ -187,6 +187,58 @@ def test_gated_loss_terms():
     torch.testing.assert_close(out.metrics["sparsity_loss"], l1)
 
 
+@pytest.mark.parametrize("name", ["GatedSAETrainer", "GatedAnnealTrainer"])
+@pytest.mark.parametrize("gate_shift", [0.0, -2.5])  # half the gates open (dense path), ~1% open (sparse)
+def test_gated_loss_and_gradients_match_the_formula_on_both_paths(name, gate_shift):
+    """The trainer's loss on dense features (GatedEncode) and on the open gates only
+    (SparseCodes, sparse kernels) equals the paper's loss written densely, with the same
+    gradient for every parameter (float64)."""
+    from dictionary_learning.dictionary import SparseCodes
+
+    penalty_key = "initial_sparsity_penalty" if name == "GatedAnnealTrainer" else "l1_penalty"
+    trainer = make_trainer(name, dict_size=512, **{penalty_key: 0.3})
+    ae = trainer.ae.double()
+    with torch.no_grad():
+        for p in (ae.decoder_bias, ae.gate_bias, ae.mag_bias, ae.r_mag):
+            p.normal_(0, 0.5)
+        ae.gate_bias.add_(gate_shift)
+    x = torch.randn(256, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    p_norm = 1.0
+    if name == "GatedAnnealTrainer":
+        trainer.anneal.n_changes_done = 2  # p = 0.6: the annealed Lp^p penalty, not L1
+        p_norm = trainer.p
+        assert p_norm == pytest.approx(0.6)
+
+    def formula_loss():
+        f, gate = _gated_formula(ae, x)
+        recon = (x - f @ ae.decoder.weight.T - ae.decoder_bias).pow(2).sum(-1).mean()
+        aux = (x - gate @ ae.decoder.weight.detach().T - ae.decoder_bias.detach()).pow(2).sum(-1).mean()
+        penalty = 0.3 * gate.pow(p_norm).sum(-1).mean()
+        return recon + penalty + aux
+
+    results = []
+    for loss_fn in (lambda: trainer.loss(x, step=50), formula_loss):
+        ae.zero_grad()
+        out = loss_fn()
+        loss = out.loss if hasattr(out, "loss") else out
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in ae.parameters()])
+        if hasattr(out, "features"):
+            assert isinstance(out.features, SparseCodes) == (gate_shift < 0)
+            l0 = (out.features.values.numel() if gate_shift < 0 else int((out.features > 0).sum())) / len(x)
+    assert 2 < l0 < 512 * 0.4
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def _gated_formula(ae, x):
+    """f = 1[π_gate > 0] ⊙ ReLU(π_mag) and ReLU(π_gate), by plain autograd."""
+    pre = (x - ae.decoder_bias) @ ae.encoder.weight.T
+    gate_pre = pre + ae.gate_bias
+    magnitude = torch.relu(ae.r_mag.exp() * pre + ae.mag_bias)
+    return torch.where(gate_pre > 0, magnitude, torch.zeros_like(magnitude)), torch.relu(gate_pre)
+
+
 def test_gated_aux_loss_trains_only_the_gate_path():
     trainer = make_trainer("GatedSAETrainer")
     with torch.no_grad():
@@ -242,6 +294,13 @@ def test_lp_sparsity_values_and_finite_gradient_at_zero():
     assert lp_sparsity(f, 0.5).item() == pytest.approx(((2 + 1) + 3) / 2)
     assert lp_sparsity(f, 0.5, "Lp").item() == pytest.approx((3**2 + 3**2) / 2)
     assert lp_sparsity(f, 1.0).item() == pytest.approx(14 / 2)
+    from dictionary_learning.dictionary import SparseCodes
+
+    rows, columns = f.nonzero(as_tuple=True)
+    sparse = SparseCodes(f[rows, columns], rows, columns, n_rows=3)  # plus a token with no entries
+    dense = torch.cat([f, torch.zeros(1, 3)])
+    for p, kind in [(0.5, "Lp^p"), (0.5, "Lp"), (1.0, "Lp"), (1.0, "Lp^p")]:
+        torch.testing.assert_close(lp_sparsity(sparse, p, kind), lp_sparsity(dense, p, kind))
     pre = torch.tensor([[1.0, -2.0, 0.0]], requires_grad=True)
     lp_sparsity(torch.relu(pre), 0.2).backward()
     assert torch.isfinite(pre.grad).all() and pre.grad[0, 1] == 0

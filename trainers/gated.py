@@ -22,6 +22,11 @@ keeps the L1 penalty meaningful (with free norms it could be shrunk away by scal
 and W_dec up). Adam runs with β1 = 0, β2 = 0.999 (`adam_betas`, DeepMind's setting and that of
 saprmarks/dictionary_learning's original gated trainer). Dead latents can be resampled as in
 Bricken et al. (2023), as the paper does (`resample_steps`; the LR warmup restarts after each).
+
+Speed: W_gate x is one matmul without autograd. While many gates are open (early training) the
+rest is dense, with one fused autograd Function for both paths (GatedEncode); once fewer than
+DENSE_DECODE_DENSITY of them are open, as in a trained gated SAE, f and ReLU(π_gate) are held on
+the open gates only (SparseCodes): sparse encoder backward, embedding-bag decodes.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..dictionary import GatedAutoEncoder
+from ..dictionary import GatedAutoEncoder, GatedEncode, SparseCodes, sparse_decode
 from .base import (
     ConstrainedAdam,
     LossOutput,
@@ -40,6 +45,11 @@ from .base import (
     scale_encoder_init_,
     sparsity_multiplier,
 )
+from .p_anneal import lp_sparsity
+from .top_k import gather_preactivations, prefers_dense
+
+Features = torch.Tensor | SparseCodes  # [N, F] dense, or the open gates only
+DENSITY_SAMPLE_STRIDE = 8  # dense or sparse path: decided on every 8th token (one [N/8, F] pass)
 
 
 @dataclass
@@ -67,17 +77,44 @@ class GatedSAETrainer(SAETrainer):
         scale_encoder_init_(self.ae.encoder.weight, config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr, betas=betas)
 
-    def sparsity_penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """λ ‖ReLU(π_gate)‖₁ (batch mean) for gate = ReLU(π_gate) [..., F] (non-negative)."""
-        l1 = gate.sum(dim=-1).mean()
+    def sparsity_penalty(self, gate: torch.Tensor | SparseCodes, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """λ ‖ReLU(π_gate)‖₁ (batch mean) for gate = ReLU(π_gate) (non-negative), [N, F] or sparse."""
+        l1 = lp_sparsity(gate, 1.0)
         return self.cfg.l1_penalty * l1, {"sparsity_loss": l1.detach()}
 
-    def loss_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(f, ReLU(π_gate), reconstruction loss, auxiliary loss) on x [..., D]."""
-        f, gate = self.ae.encode(x, return_gate=True)  # [..., F] each
-        x_hat = self.ae.decode(f)
-        # the gate path through a frozen decoder: gradients reach W_gate and b_gate only
-        x_hat_gate = F.linear(gate, self.ae.decoder.weight.detach(), self.ae.decoder_bias.detach())
+    def loss_terms(self, x: torch.Tensor) -> tuple[Features, Features, torch.Tensor, torch.Tensor]:
+        """(f, ReLU(π_gate), reconstruction loss, auxiliary loss) on x [..., D].
+
+        z = W_gate x [N, F] is one matmul without autograd. While more than DENSE_DECODE_DENSITY of
+        the gates are open (early in training) the rest is dense (GatedEncode, then two decoder
+        matmuls); once the gates are sparse, as in a trained gated SAE, f and ReLU(π_gate) live on
+        the M open gates only: z is gathered there with a sparse encoder backward and both
+        reconstructions are embedding-bag sums, O(M·D) instead of O(N·F·D).
+        """
+        ae = self.ae
+        x = x.reshape(-1, self.cfg.activation_dim)
+        n_tokens = x.shape[0]
+        with torch.no_grad():
+            z = x @ ae.encoder.weight.T  # [N, F]
+        gate_bias, mag_bias = ae.folded_biases()  # π_gate = z + gate_bias, π_mag = exp(r_mag) ⊙ z + mag_bias
+        with torch.no_grad():  # the share of open gates (π_gate > 0), from every 8th token
+            sampled = z[::DENSITY_SAMPLE_STRIDE]
+            n_open_sampled = int((sampled > -gate_bias).sum())
+        frozen_decoder, frozen_bias = ae.decoder.weight.detach(), ae.decoder_bias.detach()
+        if prefers_dense(n_open_sampled, sampled.shape[0], self.cfg.dict_size):
+            f, gate = GatedEncode.apply(z, x, ae.encoder.weight, gate_bias, ae.r_mag, mag_bias)  # [N, F] each
+            x_hat = ae.decode(f)
+            # the gate path through a frozen decoder: gradients reach W_gate and b_gate only
+            x_hat_gate = F.linear(gate, frozen_decoder, frozen_bias)
+        else:
+            rows, columns = (z > -gate_bias).nonzero(as_tuple=True)  # the M open gates
+            z_open = gather_preactivations(z, x, ae.encoder.weight, None, None, rows, columns)  # [M]
+            gate = SparseCodes(z_open + gate_bias.index_select(0, columns), rows, columns, n_tokens)
+            magnitude = ae.r_mag.exp().index_select(0, columns) * z_open + mag_bias.index_select(0, columns)
+            f = gate._replace(values=magnitude.relu())
+            decoder_rows = ae.decoder.weight.T.contiguous()  # [F, D]
+            x_hat = sparse_decode(f, decoder_rows) + ae.decoder_bias
+            x_hat_gate = sparse_decode(gate, decoder_rows.detach()) + frozen_bias
         recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
         aux_loss = (x - x_hat_gate).pow(2).sum(dim=-1).mean()
         return f, gate, recon_loss, aux_loss
@@ -87,7 +124,8 @@ class GatedSAETrainer(SAETrainer):
         penalty, metrics = self.sparsity_penalty(gate, step)
         loss = recon_loss + sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * penalty + aux_loss
         metrics.update(mse_loss=recon_loss.detach(), aux_loss=aux_loss.detach(), loss=loss.detach())
-        return LossOutput(loss, f, metrics)
+        features = f._replace(values=f.values.detach()) if isinstance(f, SparseCodes) else f
+        return LossOutput(loss, features, metrics)
 
     def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Re-initialise the latents in `dead_mask` [F] from inputs x (gate row, decoder column,

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from ..dictionary import AutoEncoder
+from ..dictionary import AutoEncoder, SparseCodes
 from .base import (
     ConstrainedAdam,
     LossOutput,
@@ -50,15 +50,23 @@ from .base import (
 SPARSITY_FUNCTIONS = ("Lp^p", "Lp")
 
 
-def lp_sparsity(f: torch.Tensor, p: float, kind: str = "Lp^p") -> torch.Tensor:
-    """(1/N) Σ_n S_p(f_n) for non-negative features f [..., F]: S_p = Σ_i f_i^p ("Lp^p") or
-    (Σ_i f_i^p)^(1/p) ("Lp").
+def lp_sparsity(f: torch.Tensor | SparseCodes, p: float, kind: str = "Lp^p") -> torch.Tensor:
+    """(1/N) Σ_n S_p(f_n) for non-negative features f, dense [..., F] or SparseCodes of N tokens:
+    S_p = Σ_i f_i^p ("Lp^p") or (Σ_i f_i^p)^(1/p) ("Lp").
 
     Where f_i = 0 the derivative p·f_i^(p−1) is infinite, but the ReLU in front of f passes no
     gradient there (its backward masks rather than multiplies), so the gradient stays finite.
     """
-    per_token = f.sum(dim=-1) if p == 1.0 else f.pow(p).sum(dim=-1)
-    if kind == "Lp" and p != 1.0:
+    values = f.values if isinstance(f, SparseCodes) else f
+    powered = values if p == 1.0 else values.pow(p)
+    per_entry_sum = kind != "Lp" or p == 1.0  # S_p is a plain sum over the entries
+    if isinstance(f, SparseCodes):
+        if per_entry_sum:
+            return powered.sum() / f.n_rows
+        per_token = powered.new_zeros(f.n_rows).index_add(0, f.rows, powered)
+    else:
+        per_token = powered.sum(dim=-1)
+    if not per_entry_sum:
         per_token = per_token.pow(1.0 / p)
     return per_token.mean()
 
