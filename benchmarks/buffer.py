@@ -12,7 +12,10 @@ activations of `gpt_neox.layers[LAYER].mlp`'s output:
             (attention mask), copy them into a preallocated ring of `capacity` rows;
   ours      dictionary_learning.ActivationBuffer (nnsight 0.8), iterated until as many rows came out.
 
-"ours / bare" is the ratio of activations/s. With --reference, the reference's ActivationBuffer
+"ours / bare" is the ratio of activations/s delivered. A buffer computes ahead of what it serves:
+when a run stops, up to `capacity` rows are computed and still unread, which a longer run would
+deliver. "collected / bare" counts them:
+(delivered + unread rows held at the end) / time, the rate in a long run. With --reference, the reference's ActivationBuffer
 (nnsight 0.3.7, transformers 4.x) and the same bare pipeline run in the reference virtualenv, on
 the same saved model and texts. Memory: for each storage dtype, a fresh process builds a buffer of
 `--memory-rows` rows (and one of a quarter of that), fills it and serves from it; the slope of its
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import statistics
@@ -158,22 +162,30 @@ def bare_pipeline(model, tokenizer, texts: Iterator[str], n_rows: int, ctx_len: 
     return delivered
 
 
-def rate(fn: Callable[[], int]) -> dict[str, float]:
-    """Rows per second of one call of fn (which returns the rows it delivered)."""
+def rate(fn: Callable[[], int | tuple[int, int]]) -> dict[str, float]:
+    """Rows per second of one call of fn, which returns the rows it delivered, or (delivered,
+    collected): a buffer also holds rows it has computed but not yet served when the run ends."""
     start = _common.CLOCKS[_common._clock_name]()
     rows = fn()
     seconds = _common.CLOCKS[_common._clock_name]() - start
-    return {"rows": rows, "seconds": seconds, "act_per_s": rows / seconds}
+    delivered, collected = rows if isinstance(rows, tuple) else (rows, rows)
+    return {"rows": delivered, "collected": collected, "seconds": seconds, "act_per_s": delivered / seconds,
+            "collected_per_s": collected / seconds}
 
 
-def interleaved_rates(candidates: dict[str, Callable[[], int]], rounds: int) -> dict[str, dict[str, Any]]:
-    """Each candidate `rounds` times, alternating; median activations/s per candidate."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
+def interleaved_rates(candidates: dict[str, Callable[[], int | tuple[int, int]]], rounds: int) -> dict[str, dict[str, Any]]:
+    """Each candidate `rounds` times, alternating; median activations/s (delivered, and collected)
+    per candidate."""
+    samples: dict[str, list[dict]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            samples[name].append(rate(fn)["act_per_s"])
-    return {name: {"act_per_s": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
-            for name, v in samples.items()}
+            samples[name].append(rate(fn))
+    results = {}
+    for name, runs in samples.items():
+        delivered = [r["act_per_s"] for r in runs]
+        results[name] = {"act_per_s": statistics.median(delivered), "min": min(delivered), "max": max(delivered),
+                         "collected_per_s": statistics.median(r["collected_per_s"] for r in runs), "runs": runs}
+    return results
 
 
 # -------------------------------------------------------------------------------------------
@@ -284,12 +296,12 @@ def reference_side(config: dict, tensors: dict) -> dict:
     texts = config["texts"]
     n_rows = config["n_rows"]
 
-    def reference_buffer() -> int:
+    def reference_buffer() -> tuple[int, int]:
         buffer = _reference_buffer_factory(model, hf_model, endless(texts), config, ReferenceBuffer)()
         delivered = 0
         while delivered < n_rows:
             delivered += len(next(buffer))
-        return delivered
+        return delivered, delivered + int((~buffer.read).sum())
 
     def bare() -> int:
         return bare_pipeline(hf_model, tokenizer, endless(texts), n_rows, config["ctx_len"],
@@ -416,12 +428,12 @@ def main() -> None:
             texts = spec["texts"]
             hf_model, tokenizer, build = our_buffer_factory(spec["dir"], config)
 
-            def ours() -> int:
+            def ours() -> tuple[int, int]:
                 buffer = build(endless(texts))
                 delivered = 0
                 while delivered < config["n_rows"]:
                     delivered += len(next(buffer))
-                return delivered
+                return delivered, delivered + buffer.n_unread
 
             def bare() -> int:
                 return bare_pipeline(hf_model, tokenizer, endless(texts), config["n_rows"], config["ctx_len"],
@@ -467,17 +479,20 @@ def main() -> None:
         rates = row["rates"]
         entry = {"model": row["model"], "d": row["d"], "bare act/s": rates["bare"]["act_per_s"],
                  "ours act/s": rates["ours"]["act_per_s"],
-                 "ours/bare": rates["ours"]["act_per_s"] / rates["bare"]["act_per_s"]}
+                 "ours/bare": rates["ours"]["act_per_s"] / rates["bare"]["act_per_s"],
+                 "collected/bare": rates["ours"]["collected_per_s"] / rates["bare"]["act_per_s"]}
         if "reference" in row:
             ref_rates = row["reference"]["rates"]
             entry.update({"ref bare act/s": ref_rates["bare"]["act_per_s"],
                           "ref act/s": ref_rates["reference"]["act_per_s"],
                           "ref/ref bare": ref_rates["reference"]["act_per_s"] / ref_rates["bare"]["act_per_s"],
+                          "ref collected/ref bare": (ref_rates["reference"].get("collected_per_s", math.nan)
+                                                     / ref_rates["bare"]["act_per_s"]),
                           "ours/ref": rates["ours"]["act_per_s"] / ref_rates["reference"]["act_per_s"]})
         table.append(entry)
-    columns = ["model", "d", "bare act/s", "ours act/s", "ours/bare"]
+    columns = ["model", "d", "bare act/s", "ours act/s", "ours/bare", "collected/bare"]
     if args.reference:
-        columns += ["ref bare act/s", "ref act/s", "ref/ref bare", "ours/ref"]
+        columns += ["ref bare act/s", "ref act/s", "ref/ref bare", "ref collected/ref bare", "ours/ref"]
     text = _common.print_table(table, columns, title=(
         f"buffer throughput ({args.threads} threads, {args.clock} clock, ctx_len {config['ctx_len']}, "
         f"{config['refresh_batch_size']} texts/forward, {config['n_rows']:,} rows per run)"))
