@@ -104,9 +104,13 @@ def main() -> None:
             sweep = [(f"{name} target_l0={k}", {"target_l0": float(k)})]
         else:
             sweep = [(name, {})]
+        if name == "StandardTrainerAprilUpdate":  # the update's LR decay over the last 20 %: our default,
+            schedule_of_run = {**schedule, "decay_start": steps - steps // 5}  # explicit so the reference runs it too
+        else:
+            schedule_of_run = schedule
         for label, knob in sweep:
             kwargs = _common.trainer_kwargs(name, args.activation_dim, args.dict_size, steps, args.seed,
-                                            overrides={**schedule, **knob})
+                                            overrides={**schedule_of_run, **knob})
             runs.append({"trainer": name, "label": label, "kwargs": kwargs})
 
     ours = []
