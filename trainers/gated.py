@@ -77,7 +77,7 @@ class GatedSAETrainer(SAETrainer):
         scale_encoder_init_(self.ae.encoder.weight, config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr, betas=betas)
 
-    def sparsity_penalty(self, gate: torch.Tensor | SparseCodes, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def sparsity_penalty(self, gate: Features, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """λ ‖ReLU(π_gate)‖₁ (batch mean) for gate = ReLU(π_gate) (non-negative), [N, F] or sparse."""
         l1 = lp_sparsity(gate, 1.0)
         return self.cfg.l1_penalty * l1, {"sparsity_loss": l1.detach()}

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import GatedAutoEncoder
-from .gated import GatedSAETrainer
-from .p_anneal import PAnnealSchedule, PAnnealTrainerConfig, check_anneal_config
+from .gated import Features, GatedSAETrainer
+from .p_anneal import AnnealedSparsity, PAnnealSchedule, PAnnealTrainerConfig, check_anneal_config
 
 
 @dataclass
@@ -31,7 +31,7 @@ class GatedAnnealTrainerConfig(PAnnealTrainerConfig):
     init_encoder_scale: float = 1.0  # the gated recipe's tied init (p-annealing's standard SAE uses 0.1)
 
 
-class GatedAnnealTrainer(GatedSAETrainer):
+class GatedAnnealTrainer(AnnealedSparsity, GatedSAETrainer):
     Config = GatedAnnealTrainerConfig
     dictionary_class = GatedAutoEncoder
     default_lr = 3e-4  # saprmarks/dictionary_learning's default for this recipe
@@ -41,24 +41,5 @@ class GatedAnnealTrainer(GatedSAETrainer):
         super().__init__(config)
         self.anneal = PAnnealSchedule.from_config(config, anneal_end)
 
-    @property
-    def p(self) -> float:
-        return self.anneal.p
-
-    @property
-    def sparsity_coeff(self) -> float:
-        return self.anneal.sparsity_coeff
-
-    def sparsity_penalty(self, gate: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def sparsity_penalty(self, gate: Features, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.anneal.penalty(gate, step)
-
-    def update(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        metrics = super().update(step, x)
-        self.anneal.observe(step, metrics)
-        return metrics
-
-    def extra_state(self) -> dict:
-        return {"anneal": self.anneal.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.anneal.load_state_dict(state["anneal"])

@@ -214,7 +214,34 @@ class PAnnealTrainerConfig(TrainerConfig):
     init_encoder_scale: float = 0.1  # W_enc = init_encoder_scale · W_decᵀ at initialisation
 
 
-class PAnnealTrainer(SAETrainer):
+class AnnealedSparsity:
+    """What the p-annealing recipes (PAnnealTrainer, GatedAnnealTrainer) add to a trainer that sets
+    `self.anneal` (a PAnnealSchedule): p and λ as properties, the schedule's step after each
+    update, and its state in checkpoints. Listed before the trainer base class."""
+
+    anneal: PAnnealSchedule
+
+    @property
+    def p(self) -> float:
+        return self.anneal.p
+
+    @property
+    def sparsity_coeff(self) -> float:
+        return self.anneal.sparsity_coeff
+
+    def update(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        metrics = super().update(step, x)
+        self.anneal.observe(step, metrics)
+        return metrics
+
+    def extra_state(self) -> dict:
+        return {"anneal": self.anneal.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.anneal.load_state_dict(state["anneal"])
+
+
+class PAnnealTrainer(AnnealedSparsity, SAETrainer):
     Config = PAnnealTrainerConfig
     dictionary_class = AutoEncoder
     default_lr = 1e-3
@@ -227,14 +254,6 @@ class PAnnealTrainer(SAETrainer):
         scale_encoder_init_(self.ae.encoder.weight, config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.decoder.weight], lr=self.lr)
 
-    @property
-    def p(self) -> float:
-        return self.anneal.p
-
-    @property
-    def sparsity_coeff(self) -> float:
-        return self.anneal.sparsity_coeff
-
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         x_hat, f = self.ae(x, output_features=True)
         recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
@@ -243,20 +262,9 @@ class PAnnealTrainer(SAETrainer):
         metrics.update(mse_loss=recon_loss.detach(), loss=loss.detach())
         return LossOutput(loss, f, metrics)
 
-    def update(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        metrics = super().update(step, x)
-        self.anneal.observe(step, metrics)
-        return metrics
-
     def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Re-initialise the latents in `dead_mask` [F] from inputs x; returns their indices."""
         return resample_dead_latents_(
             self.ae, self.optimizer, self.dead_tracker, dead_mask, x, [self.ae.encoder.bias],
             self.cfg.resample_encoder_scale,
         )
-
-    def extra_state(self) -> dict:
-        return {"anneal": self.anneal.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.anneal.load_state_dict(state["anneal"])
