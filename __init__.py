@@ -1,46 +1,57 @@
 """dictionary_learning: train, load and evaluate sparse autoencoders on model activations.
 
-The public API is what `__all__` lists; the README documents each name. Submodules are imported
-lazily so that `import dictionary_learning` stays cheap (nnsight and transformers load only when the
-buffer or the language-model metrics are first used).
+The public API is `__all__`, the names the README's "API" section lists (tests/test_public_api.py
+checks that the two agree). nnsight and transformers load only when the buffer or the
+language-model metrics are first used.
 """
-import importlib
+from .buffer import ActivationBuffer
+from .bundled import load_bundled_model, stdlib_text_stream
+from .dictionary import (
+    AutoEncoder,
+    AutoEncoderTopK,
+    BatchTopKSAE,
+    Dictionary,
+    GatedAutoEncoder,
+    IdentityDict,
+    JumpReluAutoEncoder,
+    MatryoshkaBatchTopKSAE,
+)
+from .evaluation import MetricAccumulator, evaluate, fvu, loss_recovered, tensor_metrics
+from .interop import load_dictionary, load_saelens, save_saelens
+from .synthetic import SyntheticActivations, dictionary_directions, fraction_recovered, mean_max_cosine_similarity
+from .trainers.base import ConstrainedAdam
+from .training import trainSAE
+from .utils import hf_dataset_to_generator, keep_freed_cpu_memory, zst_to_generator
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
-_EXPORTS = {
-    # dictionaries
-    "Dictionary": "dictionary",
-    "AutoEncoder": "dictionary",
-    "IdentityDict": "dictionary",
-    "GatedAutoEncoder": "dictionary",
-    "AutoEncoderTopK": "dictionary",
-    "BatchTopKSAE": "dictionary",
-    "JumpReluAutoEncoder": "dictionary",
-    "MatryoshkaBatchTopKSAE": "dictionary",
-    # activations
-    "ActivationBuffer": "buffer",
-    # training
-    "trainSAE": "training",
-    "ConstrainedAdam": "training",
-    # evaluation
-    "evaluate": "evaluation",
-    "loss_recovered": "evaluation",
-    # saving and loading
-    "load_dictionary": "utils",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'dictionary_learning' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__ = [
+    "ActivationBuffer",
+    "AutoEncoder",
+    "AutoEncoderTopK",
+    "BatchTopKSAE",
+    "ConstrainedAdam",
+    "Dictionary",
+    "GatedAutoEncoder",
+    "IdentityDict",
+    "JumpReluAutoEncoder",
+    "MatryoshkaBatchTopKSAE",
+    "MetricAccumulator",
+    "SyntheticActivations",
+    "dictionary_directions",
+    "evaluate",
+    "fraction_recovered",
+    "fvu",
+    "hf_dataset_to_generator",
+    "keep_freed_cpu_memory",
+    "load_bundled_model",
+    "load_dictionary",
+    "load_saelens",
+    "loss_recovered",
+    "mean_max_cosine_similarity",
+    "save_saelens",
+    "stdlib_text_stream",
+    "tensor_metrics",
+    "trainSAE",
+    "zst_to_generator",
+]

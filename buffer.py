@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-__all__ = ["ActivationBuffer"]
+__all__ = ["ActivationBuffer", "token_mask", "check_language_model", "resolve_submodule", "submodule_path"]
 
 
 class ActivationBuffer:
@@ -66,32 +66,11 @@ class ActivationBuffer:
         remove_bos: bool = False,
         seed: int | None = None,
     ):
-        if io not in ("in", "out"):
-            raise ValueError(f"io must be 'in' or 'out' (submodule input or output); got {io!r}.")
-        for name, value in [("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
-                            ("out_batch_size", out_batch_size)]:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}.")
-        if isinstance(n_ctxs, bool) or not isinstance(n_ctxs, (int, float)) or not n_ctxs >= 1:
-            raise ValueError(f"n_ctxs must be a number >= 1 (e.g. 3e4); got {n_ctxs!r}.")
-        if isinstance(data, (str, bytes)):
-            raise TypeError("data must be an iterator of strings, not a single string; "
-                            "wrap it: iter([text]).")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16); got {dtype!r}.")
-
-        self.model = _check_model(model)
+        _check_arguments(data, io, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype)
+        self.model = check_language_model(model)
         self.tokenizer = model.tokenizer
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError("the model's tokenizer has no pad token (and no EOS to pad with); "
-                             "set model.tokenizer.pad_token before building the buffer.")
-        if remove_bos and self.tokenizer.bos_token_id is None:
-            raise ValueError("remove_bos=True but the tokenizer has no bos_token; pass remove_bos=False.")
-        max_positions = getattr(getattr(model._module, "config", None), "max_position_embeddings", None)
-        if isinstance(max_positions, int) and ctx_len > max_positions:
-            raise ValueError(f"ctx_len={ctx_len} is longer than the model's {max_positions} positions; "
-                             f"pass ctx_len <= {max_positions}.")
-        self.submodule = _resolve_submodule(model, submodule)
+        self._check_tokenizer_and_context(remove_bos, ctx_len)
+        self.submodule = resolve_submodule(model, submodule)
         self.data: Iterator[str] = iter(data)
         self.io = io
         self.n_ctxs = int(n_ctxs)
@@ -106,14 +85,7 @@ class ActivationBuffer:
                 f"(n_ctxs * ctx_len = {self.n_ctxs} * {ctx_len} = {self.capacity} rows); "
                 "raise n_ctxs or lower out_batch_size."
             )
-
-        # Probe: one token through the model. Dispatches a lazily loaded model, checks that the
-        # submodule runs and yields per-token activations, and measures their width.
-        probe_id = next(i for i in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id,
-                                    self.tokenizer.pad_token_id, 0) if i is not None)
-        ids = torch.tensor([[probe_id]])
-        (probe,) = self._collect({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                                 [self.submodule])
+        probe = self._probe()
         if d_submodule is not None and d_submodule != probe.shape[-1]:
             raise ValueError(
                 f"d_submodule={d_submodule} does not match the model: {self._where} has width "
@@ -122,16 +94,7 @@ class ActivationBuffer:
         self.d_submodule = int(probe.shape[-1])
         self.device = torch.device(device) if device is not None else probe.device
         self.dtype = dtype if dtype is not None else _parameter_dtype(model, probe.dtype)
-
-        try:
-            self._storage = torch.empty(self.capacity, self.d_submodule, dtype=self.dtype, device=self.device)
-        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
-            gib = self.capacity * self.d_submodule * self.dtype.itemsize / 2**30
-            raise MemoryError(
-                f"the buffer needs {gib:.2f} GiB on {self.device} ({self.capacity} rows x {self.d_submodule} "
-                f"x {self.dtype}) and could not get it; lower n_ctxs, store in dtype=torch.bfloat16, or "
-                "put it on another device."
-            ) from error
+        self._storage = self._allocate_storage()
         # Row bookkeeping (indices into _storage): _order lists the filled rows in serving order,
         # _next counts how many of them were served, _free lists slots that hold nothing.
         self._order = torch.empty(0, dtype=torch.long, device=self.device)
@@ -143,6 +106,37 @@ class ActivationBuffer:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.seed = seed
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _check_tokenizer_and_context(self, remove_bos: bool, ctx_len: int) -> None:
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the model's tokenizer has no pad token (and no EOS to pad with); "
+                             "set model.tokenizer.pad_token before building the buffer.")
+        if remove_bos and self.tokenizer.bos_token_id is None:
+            raise ValueError("remove_bos=True but the tokenizer has no bos_token; pass remove_bos=False.")
+        max_positions = getattr(getattr(self.model._module, "config", None), "max_position_embeddings", None)
+        if isinstance(max_positions, int) and ctx_len > max_positions:
+            raise ValueError(f"ctx_len={ctx_len} is longer than the model's {max_positions} positions; "
+                             f"pass ctx_len <= {max_positions}.")
+
+    def _probe(self) -> torch.Tensor:
+        """One token through the model: dispatches a lazily loaded model, checks that the submodule
+        runs and yields per-token activations, and gives their width, device and dtype."""
+        probe_id = next(i for i in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id,
+                                    self.tokenizer.pad_token_id, 0) if i is not None)
+        ids = torch.tensor([[probe_id]])
+        (probe,) = self._collect({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [self.submodule])
+        return probe
+
+    def _allocate_storage(self) -> torch.Tensor:
+        try:
+            return torch.empty(self.capacity, self.d_submodule, dtype=self.dtype, device=self.device)
+        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            gib = self.capacity * self.d_submodule * self.dtype.itemsize / 2**30
+            raise MemoryError(
+                f"the buffer needs {gib:.2f} GiB on {self.device} ({self.capacity} rows x {self.d_submodule} "
+                f"x {self.dtype}) and could not get it; lower n_ctxs, store in dtype=torch.bfloat16, or "
+                "put it on another device."
+            ) from error
 
     # ------------------------------------------------------------------ iteration
 
@@ -248,7 +242,7 @@ class ActivationBuffer:
                     tracer.stop()
         except OutOfOrderError as error:
             raise ValueError(
-                f"the model never reached {', '.join(_path(s) for s in submodules)} ({self.io}put) in that "
+                f"the model never reached {', '.join(submodule_path(s) for s in submodules)} ({self.io}put) in that "
                 "order: list submodules in the order the forward pass runs them, and only modules the "
                 "forward pass calls."
             ) from error
@@ -259,7 +253,7 @@ class ActivationBuffer:
             if not isinstance(act, torch.Tensor) or act.dim() != 3 or tuple(act.shape[:2]) != (batch, length):
                 shape = tuple(act.shape) if isinstance(act, torch.Tensor) else type(act).__name__
                 raise ValueError(
-                    f"{_path(submodule)}.{self.io}put is {shape}, but the buffer needs per-token "
+                    f"{submodule_path(submodule)}.{self.io}put is {shape}, but the buffer needs per-token "
                     f"activations of shape [batch, seq, d] = [{batch}, {length}, d]. Pick a submodule "
                     "whose output (or input, io='in') has one vector per token."
                 )
@@ -267,7 +261,7 @@ class ActivationBuffer:
 
     @property
     def _where(self) -> str:
-        return f"{_path(self.submodule)} ({self.io}put)"
+        return f"{submodule_path(self.submodule)} ({self.io}put)"
 
     # ------------------------------------------------------------------ saving
 
@@ -278,7 +272,7 @@ class ActivationBuffer:
         return {
             "model": getattr(getattr(module, "config", None), "_name_or_path", None)
             or getattr(self.model, "repo_id", None) or None,
-            "submodule": _path(self.submodule),
+            "submodule": submodule_path(self.submodule),
             "io": self.io,
             "d_submodule": self.d_submodule,
             "n_ctxs": self.n_ctxs,
@@ -290,6 +284,21 @@ class ActivationBuffer:
             "remove_bos": self.remove_bos,
             "seed": self.seed,
         }
+
+
+def _check_arguments(data, io, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype) -> None:
+    if io not in ("in", "out"):
+        raise ValueError(f"io must be 'in' or 'out' (submodule input or output); got {io!r}.")
+    for name, value in [("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
+                        ("out_batch_size", out_batch_size)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    if isinstance(n_ctxs, bool) or not isinstance(n_ctxs, (int, float)) or not n_ctxs >= 1:
+        raise ValueError(f"n_ctxs must be a number >= 1 (e.g. 3e4); got {n_ctxs!r}.")
+    if isinstance(data, (str, bytes)):
+        raise TypeError("data must be an iterator of strings, not a single string; wrap it: iter([text]).")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16); got {dtype!r}.")
 
 
 def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None = None) -> torch.Tensor:
@@ -308,7 +317,9 @@ def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_
     return keep
 
 
-def _check_model(model: Any) -> Any:
+def check_language_model(model: Any) -> Any:
+    """`model` itself if it is an nnsight TransformersModel / LanguageModel with a tokenizer; else a
+    TypeError saying how to wrap one."""
     from nnsight import Envoy
 
     if not isinstance(model, Envoy) or getattr(model, "tokenizer", None) is None:
@@ -320,7 +331,7 @@ def _check_model(model: Any) -> Any:
     return model
 
 
-def _resolve_submodule(model: Any, submodule: Any) -> Any:
+def resolve_submodule(model: Any, submodule: Any) -> Any:
     """The envoy of `model` for `submodule` (an envoy, a torch module, or a dotted path)."""
     from nnsight import Envoy
 
@@ -332,7 +343,7 @@ def _resolve_submodule(model: Any, submodule: Any) -> Any:
     if isinstance(submodule, Envoy):
         if submodule.root is not model:
             raise ValueError(
-                f"submodule {_path(submodule)} belongs to a different model object than `model`; "
+                f"submodule {submodule_path(submodule)} belongs to a different model object than `model`; "
                 "take it from the same one, e.g. model.gpt_neox.layers[1].mlp."
             )
         return submodule
@@ -350,7 +361,8 @@ def _resolve_submodule(model: Any, submodule: Any) -> Any:
     )
 
 
-def _path(submodule: Any) -> str:
+def submodule_path(submodule: Any) -> str:
+    """The dotted path of an envoy ("gpt_neox.layers.1.mlp"; the root is "model")."""
     return str(getattr(submodule, "path", submodule)).removeprefix("model.") or "model"
 
 

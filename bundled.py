@@ -2,7 +2,7 @@
 
 Nothing here touches the network. The model in `BUNDLED_MODEL_DIR` is a 4-layer GPT-NeoX (the
 Pythia architecture, so `model.gpt_neox.layers[i].mlp` works as it does for Pythia) with its own
-4096-token byte-level BPE, trained by `train_bundled_model.py` on the source files of the Python
+4096-token byte-level BPE, trained by `scripts/train_bundled_model.py` on the source files of the Python
 standard library, which exist on every machine that runs Python. `stdlib_text_stream` yields that
 same text, split the same way, as the default data stream for `ActivationBuffer`.
 
@@ -130,7 +130,7 @@ def load_bundled_model(device: str = "cpu", dtype=None):
     if not (BUNDLED_MODEL_DIR / "config.json").exists():
         raise FileNotFoundError(
             f"the bundled model is missing from {str(BUNDLED_MODEL_DIR)!r}. Rebuild it with "
-            "`python -m dictionary_learning.train_bundled_model --out "
+            "`python scripts/train_bundled_model.py --out "
             f"{BUNDLED_MODEL_DIR}` (about 20 minutes on 2 CPU cores)."
         )
     tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL_DIR, local_files_only=True)

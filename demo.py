@@ -27,7 +27,8 @@ import torch
 from .buffer import ActivationBuffer
 from .evaluation import evaluate
 from .training import trainSAE
-from .utils import atomic_write_json, hf_dataset_to_generator, zst_to_generator
+from .files import atomic_write_json
+from .utils import hf_dataset_to_generator, keep_freed_cpu_memory, zst_to_generator
 
 BUNDLED = "bundled"
 STDLIB = "stdlib"
@@ -120,9 +121,12 @@ def table(rows: list[list[str]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     start = time.perf_counter()
-    threads = args.threads or (1 if torch.device(args.device).type == "cpu" else None)
+    on_cpu = torch.device(args.device).type == "cpu"
+    threads = args.threads or (1 if on_cpu else None)
     if threads is not None:
         torch.set_num_threads(threads)
+    if on_cpu:
+        keep_freed_cpu_memory()  # a training process: reuse freed memory (utils.keep_freed_cpu_memory)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     submodule = args.submodule.format(layer=args.layer)

@@ -29,6 +29,8 @@ from typing import Iterable
 
 import torch
 
+from .normalization import batch_scale
+
 # =============================================================================================
 # Tensor metrics
 # =============================================================================================
@@ -201,6 +203,14 @@ def _warn_if_few_tokens(tokens: int, stacklevel: int) -> None:
         )
 
 
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """The fraction of variance unexplained, Σ_n ‖x_n − x̂_n‖² / Σ_n ‖x_n − x̄‖² over the tokens of
+    x, x̂ [..., D] (x̄ their mean), in float64: 1 − frac_variance_explained of one batch."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    x_hat = x_hat.reshape(-1, x.shape[-1]).to(x)
+    return ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+
+
 def tensor_metrics(
     dictionary, batches: Iterable[torch.Tensor], n_batches: int | None = None
 ) -> dict[str, float]:
@@ -300,9 +310,7 @@ def _reconstruct(dictionary, acts: torch.Tensor, real: torch.Tensor, normalize_b
     √D over the real tokens (mask `real` [B, T]) before the dictionary and x̂ scaled back."""
     parameter = next(dictionary.parameters(), None)
     x = acts if parameter is None else acts.to(parameter.device, parameter.dtype)
-    scale = 1.0
-    if normalize_batch:
-        scale = x.shape[-1] ** 0.5 / x[real.to(x.device)].norm(dim=-1).mean().clamp_min(1e-12)
+    scale = batch_scale(x, real).to(x.dtype) if normalize_batch else 1.0
     x_hat = dictionary.decode(dictionary.encode(x * scale))
     return (x_hat / scale).to(acts.device, acts.dtype)
 
@@ -387,12 +395,12 @@ def loss_recovered(
          "kl_reconstructed", "kl_zero", "n_tokens"} (n_tokens: next-token targets counted): mean per-target CE (nats) and KL, with
         ce_diff = CE_rec − CE_clean and frac_recovered = (CE_zero − CE_rec) / (CE_zero − CE_clean).
     """
-    from .buffer import _check_model, _resolve_submodule
+    from .buffer import check_language_model, resolve_submodule
 
     if io not in ("in", "out"):
         raise ValueError(f"io must be 'in' or 'out'; got {io!r}.")
-    model = _check_model(model)
-    submodule = _resolve_submodule(model, submodule)
+    model = check_language_model(model)
+    submodule = resolve_submodule(model, submodule)
     encoding = _encode_text(model, text, max_len)
     return _loss_means(_spliced_loss_sums(model, submodule, dictionary, encoding, io, normalize_batch))
 
@@ -442,7 +450,7 @@ def evaluate(
         for x in itertools.islice(activations, n_batches):
             x = x.reshape(-1, x.shape[-1]).to(device)  # [N, D]
             if normalize_batch:
-                x = x * (x.shape[-1] ** 0.5 / x.float().norm(dim=-1).mean().clamp_min(1e-12)).to(x.dtype)
+                x = x * batch_scale(x).to(x.dtype)
             f = dictionary.encode(x if parameter is None else x.to(parameter.dtype))
             metrics.update(x, dictionary.decode(f), f)
             batches += 1

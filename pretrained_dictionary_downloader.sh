@@ -441,7 +441,7 @@ torch_python() {  # first interpreter that can import torch
   return 1
 }
 
-checker="$SCRIPT_DIR/_verify_download.py"
+checker="$SCRIPT_DIR/scripts/verify_download.py"
 if ((!verify)); then
   print_sizes
 elif [[ ! -f $checker ]]; then

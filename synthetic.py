@@ -13,8 +13,7 @@ Sampling never builds the dense [B, n_features] Bernoulli mask. For each feature
 its active samples in the batch are drawn directly as a Bernoulli process (geometric gaps between
 successive active samples), which costs O(B * mean_active) random numbers instead of
 O(B * n_features); the batch is then the sparse codes times the feature matrix (a weighted
-embedding_bag). At B=4096, D=512, 8192 features, on one CPU thread, a batch takes ~25 ms against
-~1 s for `rand(B, n) < p` followed by a sparse gather and ~5 s followed by a dense matmul.
+embedding_bag; timings against the dense alternatives in benchmarks/README.md).
 
 The module also holds the metrics that compare a learned dictionary with the true features:
 `mean_max_cosine_similarity` (MMCS), `fraction_recovered`, and the chance level of MMCS for random
@@ -190,8 +189,8 @@ def _codes_times_features(
 ) -> torch.Tensor:
     """x[b] = sum over active (b, i) of a_bi * features[i], without a dense [B, n] matrix. [B, D].
 
-    A weighted `embedding_bag` over the active entries regrouped by sample: on CPU it is ~2x
-    faster than a CSC sparse matmul and ~20x faster than index_add_; its forward is deterministic.
+    A weighted `embedding_bag` over the active entries regrouped by sample (on CPU faster than a CSC
+    sparse matmul or index_add_: benchmarks/README.md); its forward is deterministic.
     """
     by_sample = torch.sort(rows, stable=True).indices  # [nnz]
     per_sample = torch.bincount(rows, minlength=batch_size)  # [B]
@@ -314,15 +313,15 @@ class SyntheticActivations:
 def dictionary_directions(dictionary) -> torch.Tensor:
     """The dictionary's decoder directions as unit-norm rows [F, D] (float32, detached).
 
-    Works with both decoder layouts used in this library: `dictionary.decoder`, an nn.Linear whose
-    weight is [D, F] (AutoEncoder, Gated, TopK, BatchTopK: we return weight.T), or
-    `dictionary.W_dec`, a [F, D] parameter (JumpReLU). Zero directions stay zero.
+    Reads `dictionary.W_dec`, a [F, D] tensor (every dictionary of this library, and SAELens'), or
+    `dictionary.decoder`, an nn.Linear whose weight is [D, F] (the reference library's AutoEncoder,
+    Gated and TopK classes: weight.T is returned). Zero directions stay zero.
     """
     decoder = getattr(dictionary, "decoder", None)
-    if isinstance(decoder, nn.Linear):
-        directions = decoder.weight.T  # [D, F] -> [F, D]
-    elif isinstance(getattr(dictionary, "W_dec", None), torch.Tensor):
+    if isinstance(getattr(dictionary, "W_dec", None), torch.Tensor):
         directions = dictionary.W_dec  # [F, D]
+    elif isinstance(decoder, nn.Linear):
+        directions = decoder.weight.T  # [D, F] -> [F, D]
     else:
         raise TypeError(
             f"cannot find decoder directions on a {type(dictionary).__name__}: expected a "

@@ -1,185 +1,58 @@
-"""Small helpers: atomic file writes, state-dict loading, and text data streams."""
+"""Small helpers: text data streams for ActivationBuffer, the CPU allocator setting for training
+processes, and the reference library's loading names (`load_dictionary`, `get_nested_folders`, which
+live in interop.py).
+"""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from .interop import get_nested_folders, load_dictionary
+
+__all__ = ["hf_dataset_to_generator", "zst_to_generator", "keep_freed_cpu_memory", "load_dictionary",
+           "get_nested_folders"]
+
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes: write to a temp file in the target folder, fsync, then rename over the target.
-# A crash mid-write leaves the previous file (or nothing), never a truncated one.
+# The CPU allocator of a training process
 # ---------------------------------------------------------------------------------------------
 
-
-def _atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+_freed_memory_kept = False
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save(obj, path)`, atomically."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc keep freed blocks for reuse instead of returning them to the OS; returns whether
+    that is in effect for this process. Process-wide and irreversible, so the library never calls
+    it by itself: training scripts may (the demo does, and the benchmarks).
 
-
-def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write `obj` as indented JSON, atomically."""
-    data = json.dumps(obj, indent=2, default=_json_default).encode()
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def _json_default(obj):
-    if isinstance(obj, (torch.dtype, torch.device)):
-        return str(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, type):
-        return obj.__name__
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict from a `.pt`/`.pth` (torch.save, weights only) or `.safetensors` file.
-
-    Errors name the file and say what was expected.
+    PyTorch has no caching allocator on CPU, and glibc serves every block above its mmap threshold
+    (at most 32 MiB) with a fresh `mmap`: each [B, F] temporary of a training step then costs one
+    page fault per 4 KiB touched. `mallopt(M_MMAP_MAX, 0)` and a maximal `M_TRIM_THRESHOLD` make
+    those blocks come from the heap and stay there, so the next step reuses the same pages; the
+    heap keeps its peak size, which a training process reaches every step anyway (measured effect:
+    benchmarks/README.md). Skipped (False) off glibc, when the user tunes malloc through MALLOC_*
+    or GLIBC_TUNABLES, preloads another allocator, or sets DICTIONARY_LEARNING_KEEP_FREED_MEMORY=0.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"dictionary file not found: {str(path)!r}. Pass the path to an 'ae.pt' or "
-            "'.safetensors' file (see pretrained_dictionary_downloader.sh for the published ones)."
-        )
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{str(path)!r} is a folder; pass the weights file inside it (e.g. {str(path / 'ae.pt')!r}),"
-            " or use dictionary_learning.load_dictionary(folder) to load a folder with its config.json."
-        )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises several error types
-            raise ValueError(f"could not read {str(path)!r} as a safetensors file: {e}") from e
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(
-                f"could not read {str(path)!r} as a torch state_dict (torch.load with "
-                f"weights_only=True failed: {type(e).__name__}: {e}). The file may be truncated "
-                "or not a dictionary checkpoint; re-download or re-save it."
-            ) from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"{str(path)!r} does not hold a state_dict (a mapping of names to tensors); "
-            f"found {type(state).__name__}."
-        )
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading saved dictionaries: our training folders, saprmarks/dictionary_learning folders (same
-# layout: ae.pt + config.json with trainer.dict_class, checkpoints/ae_STEP.pt) and SAELens folders.
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_config(path: Path) -> dict:
+    global _freed_memory_kept
+    if _freed_memory_kept:
+        return True
+    if (not sys.platform.startswith("linux") or os.environ.get("DICTIONARY_LEARNING_KEEP_FREED_MEMORY") == "0"
+            or "GLIBC_TUNABLES" in os.environ or "LD_PRELOAD" in os.environ
+            or any(name.startswith("MALLOC_") for name in os.environ)):
+        return False
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); the folder's config.json is damaged") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(config).__name__}; expected a JSON object")
-    return config
-
-
-def _dictionary_files(path: Path) -> tuple[Path, Path]:
-    """(weights file, config.json) for a trainer folder, its ae.pt, or one of its checkpoints."""
-    if path.is_dir():
-        config_path, weights = path / "config.json", path / "ae.pt"
-        if not config_path.exists():
-            raise FileNotFoundError(
-                f"{str(path)!r} has no config.json: pass a trainer folder (one holding ae.pt and "
-                "config.json; a sweep's save_dir holds trainer_0, trainer_1, ...)"
-                + (f"; found {', '.join(sorted(p.name for p in path.iterdir()))}" if any(path.iterdir()) else "")
-            )
-        if not weights.exists():
-            checkpoints = sorted((path / "checkpoints").glob("ae_*.pt")) if (path / "checkpoints").is_dir() else []
-            hint = (
-                f"; the run may be unfinished: pass one of its checkpoints, e.g. {str(checkpoints[-1])!r}"
-                if checkpoints else ""
-            )
-            raise FileNotFoundError(f"{str(path)!r} has no ae.pt{hint}")
-        return weights, config_path
-    if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; pass a trainer folder or its ae.pt")
-    folder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"no config.json next to {str(path)!r} (looked in {str(folder)!r}); load the bare "
-            "weights with <DictionaryClass>.from_pretrained(path) instead"
-        )
-    return path, config_path
-
-
-def load_dictionary(
-    path: str | os.PathLike,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    normalize_decoder: bool = True,
-):
-    """Load a saved dictionary and its config: returns (dictionary, config).
-
-    `path`: a trainer folder (`ae.pt` + `config.json`, as written by trainSAE or by
-    saprmarks/dictionary_learning), its `ae.pt`, a checkpoint `checkpoints/ae_STEP.pt` (read with
-    the folder's config.json), or a SAELens folder (`cfg.json` + `sae_weights.safetensors`).
-    The class is `config["trainer"]["dict_class"]` (guessed from the weights when absent).
-    `normalize_decoder`: an AutoEncoder whose decoder columns are not unit-norm has the norms
-    moved into its encoder (same x̂, comparable feature magnitudes), as the reference loader does.
-    """
-    from .interop import SAELENS_CONFIG_FILE, dictionary_from_reference, infer_dict_class, load_saelens
-
-    path = Path(path)
-    if path.is_dir() and (path / SAELENS_CONFIG_FILE).exists() and not (path / "config.json").exists():
-        return load_saelens(path, device=device, dtype=dtype)
-    weights, config_path = _dictionary_files(path)
-    config = _read_config(config_path)
-    trainer_config = config.get("trainer")
-    if not isinstance(trainer_config, dict):
-        trainer_config = {}
-    state_dict = load_state_dict(weights)
-    dict_class = trainer_config.get("dict_class") or infer_dict_class(state_dict, trainer_config.get("trainer_class"))
-    try:
-        dictionary = dictionary_from_reference(dict_class, state_dict, trainer_config, normalize_decoder)
-    except ValueError as e:
-        raise ValueError(f"cannot load {str(weights)!r} as {dict_class} (from {str(config_path)!r}): {e}") from None
-    if device is not None or dtype is not None:
-        dictionary = dictionary.to(device=device, dtype=dtype)
-    return dictionary, config
-
-
-def get_nested_folders(path: str | os.PathLike) -> list[str]:
-    """Every folder under `path` (itself included) that holds an `ae.pt`, sorted."""
-    return sorted(root for root, _, files in os.walk(path) if "ae.pt" in files)
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    _freed_memory_kept = mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+    return _freed_memory_kept
 
 
 # ---------------------------------------------------------------------------------------------

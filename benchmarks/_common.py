@@ -129,23 +129,24 @@ def settle_jumprelu_thresholds(trainer, x: torch.Tensor, l0: float) -> float:
     ae = trainer.ae
     pre = (x @ ae.W_enc + ae.b_enc).flatten()
     theta = pre.kthvalue(pre.numel() - int(l0 * x.shape[0])).values.clamp_min(1e-3)
-    if hasattr(ae, "log_threshold"):
-        ae.log_threshold.fill_(float(theta.log()))
-    else:
-        ae.threshold.fill_(float(theta))
+    ae.threshold.fill_(float(theta))
     return float(theta)
 
 
 def settle_gates(trainer, x: torch.Tensor, l0: float) -> float:
-    """A gated SAE's steady state for timing, in either library (same parameter names): one
-    constant c subtracted from every b_gate so that π_gate = W_gate (x − b_dec) + b_gate − c > 0
-    for `l0` latents per token on average over batch x, as in a trained gated SAE (at init about
-    half of all gates are open). Returns c."""
+    """A gated SAE's steady state for timing, in either library: one constant c subtracted from
+    every b_gate so that π_gate = (x − b_dec) W_gate + b_gate − c > 0 for `l0` latents per token on
+    average over batch x, as in a trained gated SAE (at init about half of all gates are open).
+    Returns c."""
     ae = trainer.ae
+    if hasattr(ae, "W_enc"):  # ours: W_enc [D, F], b_gate, b_dec
+        W_gate, gate_bias, decoder_bias = ae.W_enc, ae.b_gate, ae.b_dec
+    else:  # the reference's: encoder.weight [F, D], gate_bias, decoder_bias
+        W_gate, gate_bias, decoder_bias = ae.encoder.weight.T, ae.gate_bias, ae.decoder_bias
     with torch.no_grad():
-        pre = ((x - ae.decoder_bias) @ ae.encoder.weight.T + ae.gate_bias).flatten()
+        pre = ((x - decoder_bias) @ W_gate + gate_bias).flatten()
         shift = float(pre.kthvalue(pre.numel() - int(l0 * x.shape[0])).values)
-        ae.gate_bias.sub_(shift)
+        gate_bias.sub_(shift)
     return shift
 
 
@@ -281,39 +282,22 @@ def write_json(path: Path | None, payload: dict[str, Any]) -> None:
 
 
 def import_library():
-    """`dictionary_learning` from this checkout (the repo root is the package, whatever the
-    folder is called); an installed copy is used only if it is this checkout."""
-    if "dictionary_learning" in sys.modules:
-        return sys.modules["dictionary_learning"]
-    spec = importlib.util.spec_from_file_location(
-        "dictionary_learning", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dictionary_learning"] = module
-    spec.loader.exec_module(module)
-    return module
+    """`dictionary_learning` from this checkout, whatever its folder is called (scripts/_checkout.py)."""
+    import runpy
+
+    return runpy.run_path(str(REPO_ROOT / "scripts" / "_checkout.py"))["import_checkout"]()
 
 
-def available_trainers(names: Iterable[str] | None = None) -> tuple[list[str], dict[str, str]]:
-    """(trainer names whose module imports, {name: why skipped}) from `trainer_names()`."""
+def our_trainer_names(names: Iterable[str] | None = None) -> list[str]:
+    """The recipes to run: `names`, or every recipe of the registry."""
     import_library()
-    from dictionary_learning.trainers import get_trainer_class, trainer_names
+    from dictionary_learning.trainers import trainer_names
 
     wanted = list(names) if names else trainer_names()
     unknown = sorted(set(wanted) - set(trainer_names()))
     if unknown:
         raise SystemExit(f"unknown trainer(s) {unknown}; known: {', '.join(trainer_names())}")
-    ok, skipped = [], {}
-    for name in wanted:
-        try:
-            get_trainer_class(name)
-        except ModuleNotFoundError as e:
-            skipped[name] = f"module not there yet ({e.name})"
-        except Exception as e:  # a module mid-edit by its author
-            skipped[name] = f"import failed: {type(e).__name__}: {e}"
-        else:
-            ok.append(name)
-    return ok, skipped
+    return wanted
 
 
 # -------------------------------------------------------------------------------------------
@@ -404,7 +388,10 @@ def run_reference(task: str, config: dict[str, Any], tensors: dict[str, torch.Te
                               text=True)
         if proc.returncode != 0 or not result.exists():
             raise RuntimeError(f"reference worker failed ({task}, exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(result.read_text())
+        output = json.loads(result.read_text())
+        if result.with_suffix(".pt").exists():  # tensors the worker sent back (trained weights)
+            output["tensors"] = torch.load(result.with_suffix(".pt"), weights_only=True)
+        return output
 
 
 # -------------------------------------------------------------------------------------------
@@ -450,62 +437,19 @@ def trainer_kwargs(name: str, activation_dim: int, dict_size: int, steps: int, s
 
 
 def build_our_trainer(name: str, kwargs: dict[str, Any]):
-    """Our trainer for recipe `name`, given only the keys its Config has; returns (trainer,
-    keys that were dropped)."""
+    """Our trainer for recipe `name`, given only the keys its Config has (the reference's names
+    for λ read as ours); returns (trainer, keys that were dropped)."""
     import_library()
+    from dictionary_learning.runs import current_field_names
     from dictionary_learning.trainers import get_trainer_class
     from dictionary_learning.trainers.base import config_field_names
     from dictionary_learning.training import build_trainer
 
+    kwargs = current_field_names(kwargs)
     fields = set(config_field_names(get_trainer_class(name).Config))
     dropped = sorted(set(kwargs) - fields)
     config = {"trainer": name, **{k: v for k, v in kwargs.items() if k in fields}}
     return build_trainer(config), dropped
-
-
-def decoder_directions(dictionary) -> torch.Tensor:
-    """Unit-norm decoder directions as rows [F, D] of a dictionary of either library
-    (nn.Linear `decoder` with weight [D, F], or a `W_dec` parameter [F, D])."""
-    decoder = getattr(dictionary, "decoder", None)
-    if isinstance(decoder, torch.nn.Linear):
-        directions = decoder.weight.T
-    else:
-        directions = dictionary.W_dec
-    directions = directions.detach().float()
-    return directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-@torch.no_grad()
-def dictionary_quality(dictionary, heldout: Sequence[torch.Tensor], true_features: torch.Tensor,
-                       cos_threshold: float = 0.9) -> dict[str, float]:
-    """L0, FVU and dead fraction of `dictionary` on the held-out batches, and how well its
-    decoder directions match the true features (MMCS; fraction with max cos > cos_threshold).
-
-    FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² over all held-out rows; a latent is dead if it is zero on every
-    held-out row. Uses the dictionary's own forward(x, output_features=True) (inference mode).
-    """
-    squared_error, total_variance, nonzero, rows = 0.0, 0.0, 0.0, 0
-    fired = None
-    mean = torch.cat(list(heldout)).mean(dim=0)
-    for x in heldout:
-        x_hat, f = dictionary(x, output_features=True)
-        squared_error += (x - x_hat).pow(2).sum().item()
-        total_variance += (x - mean).pow(2).sum().item()
-        active = f != 0
-        nonzero += active.sum().item()
-        rows += x.shape[0]
-        batch_fired = active.any(dim=0)
-        fired = batch_fired if fired is None else fired | batch_fired
-    directions = decoder_directions(dictionary)
-    truth = true_features / true_features.norm(dim=1, keepdim=True)
-    max_cos = (truth @ directions.T).max(dim=1).values  # [n_true]
-    return {
-        "l0": nonzero / rows,
-        "fvu": squared_error / total_variance,
-        "dead_fraction": 1.0 - fired.float().mean().item(),
-        "mmcs": max_cos.mean().item(),
-        "recovered": (max_cos > cos_threshold).float().mean().item(),
-    }
 
 
 def describe_error(error: BaseException) -> str:

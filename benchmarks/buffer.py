@@ -40,11 +40,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import _common  # noqa: E402
+import _common
 
 LAYER = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -380,16 +378,10 @@ def prepare_models(args, workdir: Path) -> list[dict]:
     models.append({"name": "tiny GPT-NeoX", "dir": str(tiny_dir),
                    "texts": synthetic_texts(200 if args.quick else 2000, args.seed + 1)})
     _common.import_library()
-    try:
-        from dictionary_learning import bundled
-    except ImportError as e:
-        print(f"skipping the bundled model: {e}")
-        return models
-    if (bundled.BUNDLED_MODEL_DIR / "config.json").exists():
-        texts = list(itertools.islice(bundled.stdlib_text_stream(split="train"), 200 if args.quick else 2000))
-        models.append({"name": "bundled tiny-pythia", "dir": str(bundled.BUNDLED_MODEL_DIR), "texts": texts})
-    else:
-        print(f"skipping the bundled model: {bundled.BUNDLED_MODEL_DIR} does not exist yet")
+    from dictionary_learning import bundled
+
+    texts = list(itertools.islice(bundled.stdlib_text_stream(split="train"), 200 if args.quick else 2000))
+    models.append({"name": "bundled tiny-pythia", "dir": str(bundled.BUNDLED_MODEL_DIR), "texts": texts})
     return models
 
 

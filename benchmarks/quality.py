@@ -12,21 +12,20 @@ generator's mean number of active features; the L1 recipes get each of `--penalt
 --reference both libraries' results can be compared at equal L0: "ref FVU@L0" and "ref MMCS@L0" are
 the reference's values interpolated (linearly in log L0) at our L0, when ours lies within its range.
 The reference regenerates the identical stream from the same seed (same generator file, same
-torch; checked on the first rows).
+torch; checked on the first rows) and sends its trained weights back: both libraries' dictionaries
+are scored by `dictionary_quality` below (the reference's loaded into our classes, whose outputs on
+its weights equal its own: tests/test_save_load.py).
 """
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
+import _common
 
-import _common  # noqa: E402
-
-# the sparsity knob of each recipe, swept with --penalties (TopK family: k; JumpReLU: target L0)
+# the sparsity knob of each recipe, swept with --penalties (TopK family: k; JumpReLU: target L0), as
+# the reference names it (our side reads these names as `sparsity_penalty`)
 PENALTY_KEY = {
     "StandardTrainer": "l1_penalty",
     "StandardTrainerAprilUpdate": "l1_penalty",
@@ -53,6 +52,27 @@ def interpolate_at(points: list[tuple[float, float]], l0: float) -> float | None
     return None
 
 
+@torch.no_grad()
+def dictionary_quality(dictionary, heldout: torch.Tensor, true_features: torch.Tensor,
+                       cos_threshold: float = 0.9) -> dict[str, float]:
+    """L0, FVU and dead fraction of `dictionary` on the held-out samples [N, D] (forward in
+    inference mode), and how well its decoder directions match the true features (MMCS; fraction
+    with max cos > cos_threshold). A latent is dead if it is zero on every held-out sample."""
+    from dictionary_learning import dictionary_directions, fvu
+    from dictionary_learning.synthetic import max_cosine_similarities
+
+    x_hat, f = dictionary(heldout, output_features=True)
+    active = f != 0
+    max_cos = max_cosine_similarities(dictionary_directions(dictionary), true_features)
+    return {
+        "l0": active.sum(dim=1).float().mean().item(),
+        "fvu": fvu(heldout, x_hat),
+        "dead_fraction": 1.0 - active.any(dim=0).float().mean().item(),
+        "mmcs": max_cos.mean().item(),
+        "recovered": (max_cos > cos_threshold).float().mean().item(),
+    }
+
+
 def main() -> None:
     parser = _common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--trainers", nargs="*", default=None, help="subset of recipe names (default: all)")
@@ -71,7 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     _common.set_threads(args.threads)
     _common.set_clock(args.clock)
-    _common.import_library()
+    _common.import_library().keep_freed_cpu_memory()  # a training process (utils.keep_freed_cpu_memory)
+    from dictionary_learning.interop import dictionary_from_reference
     from dictionary_learning.synthetic import SyntheticActivations
 
     steps = args.steps or (100 if args.quick else 3000)
@@ -86,9 +107,7 @@ def main() -> None:
     heldout = torch.stack([heldout_stream.sample() for _ in range(args.heldout_batches)])
     true_features = heldout_stream.true_features
 
-    names, skipped = _common.available_trainers(args.trainers)
-    for name, why in skipped.items():
-        print(f"skipping {name}: {why}")
+    names = _common.our_trainer_names(args.trainers)
     schedule = {
         **({"lr": args.lr} if args.lr is not None else {}),
         "warmup_steps": max(1, steps // 20), "sparsity_warmup_steps": max(1, steps // 10),
@@ -116,16 +135,13 @@ def main() -> None:
     ours = []
     for run in runs:
         row = {"trainer": run["trainer"], "label": run["label"]}
-        try:
-            stream = SyntheticActivations(**synthetic)
-            trainer, dropped = _common.build_our_trainer(run["trainer"], run["kwargs"])
-            row["train_s"] = _common.timed_training(trainer.update, stream.sample(), stream.sample, steps)
-            trainer.ae.eval()
-            row.update(_common.dictionary_quality(trainer.ae, list(heldout), true_features))
-            row["lr"] = float(trainer.lr)
-            row["dropped_kwargs"] = dropped
-        except Exception as e:  # a recipe mid-edit by its author: report, go on
-            row["error"] = _common.describe_error(e)
+        stream = SyntheticActivations(**synthetic)
+        trainer, dropped = _common.build_our_trainer(run["trainer"], run["kwargs"])
+        row["train_s"] = _common.timed_training(trainer.update, stream.sample(), stream.sample, steps)
+        trainer.ae.eval()
+        row.update(dictionary_quality(trainer.ae, heldout.flatten(0, 1), true_features))
+        row["lr"] = float(trainer.lr)
+        row["dropped_kwargs"] = dropped
         ours.append(row)
         print(f"  ours {row['label']}: L0 {row.get('l0')}, FVU {row.get('fvu')}, MMCS {row.get('mmcs')} "
               f"{row.get('error', '')}", flush=True)
@@ -134,8 +150,13 @@ def main() -> None:
     if args.reference:
         first_rows = SyntheticActivations(**synthetic).sample()[:4]
         config = {"synthetic": synthetic, "steps": steps, "runs": runs}
-        reference = _common.run_reference("quality", config, {"heldout": heldout, "first_rows": first_rows},
-                                          threads=args.threads)
+        reference = _common.run_reference("quality", config, {"first_rows": first_rows}, threads=args.threads)
+        for row in reference["rows"]:  # scored here, like ours, from the weights the reference trained
+            if "error" not in row:
+                weights = reference["tensors"][row["label"]]
+                dictionary = dictionary_from_reference(row["dict_class"], weights, {"k": k}, normalize_decoder=False)
+                row.update(dictionary_quality(dictionary, heldout.flatten(0, 1), true_features))
+        del reference["tensors"]
 
     ref_rows = {r["label"]: r for r in (reference or {}).get("rows", [])}
     table = []
@@ -166,7 +187,7 @@ def main() -> None:
     _common.write_json(args.out, {
         "benchmark": "quality", "machine": _common.machine_info(args.threads, args.clock),
         "synthetic": synthetic, "steps": steps, "penalties": penalties, "k": k, "schedule": schedule,
-        "skipped": skipped, "ours": ours, "reference": reference, "table": table, "table_text": text,
+        "ours": ours, "reference": reference, "table": table, "table_text": text,
     })
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--reference] [--quick] [--threads 2] [--out results.json]
 
-For each recipe in `dictionary_learning.trainers.trainer_names()` whose module exists, at
+For each recipe in `dictionary_learning.trainers.trainer_names()`, at
 (D=512, F=8192, B=4096) and (D=128, F=2048, B=1024) (k=32 for the TopK family), on in-memory
 float32 activations: steady-state step time (after `--warmup` steps, thresholds running; JumpReLU's
 θ settled so that L0 = its target_l0 = 32, `_common.settle_jumprelu_thresholds`; the gated recipes
@@ -14,14 +14,10 @@ hyperparameters and threads), and the ratio of the two.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import _common  # noqa: E402
+import _common
 
 SIZES = [
     {"name": "large", "activation_dim": 512, "dict_size": 8192, "batch_size": 4096},
@@ -36,18 +32,14 @@ N_BATCHES = 4  # distinct batches cycled through (a step never sees the same bat
 
 
 def make_batches(size: dict, seed: int) -> torch.Tensor:
-    """[N_BATCHES, B, D] float32: synthetic sparse activations (synthetic.py) when available,
-    so that features fire as they do on real data, else standard normal."""
+    """[N_BATCHES, B, D] float32: synthetic sparse activations (synthetic.py), so that features fire
+    as they do on real data."""
     D, B = size["activation_dim"], size["batch_size"]
-    try:
-        _common.import_library()
-        from dictionary_learning.synthetic import SyntheticActivations
+    from dictionary_learning.synthetic import SyntheticActivations
 
-        stream = SyntheticActivations(activation_dim=D, n_features=4 * D, mean_active=20.0, noise_std=0.05,
-                                      bias_norm=1.0, batch_size=B, seed=seed)
-        return torch.stack([stream.sample() for _ in range(N_BATCHES)])
-    except ImportError:
-        return torch.randn(N_BATCHES, B, D, generator=torch.Generator().manual_seed(seed))
+    stream = SyntheticActivations(activation_dim=D, n_features=4 * D, mean_active=20.0, noise_std=0.05,
+                                  bias_norm=1.0, batch_size=B, seed=seed)
+    return torch.stack([stream.sample() for _ in range(N_BATCHES)])
 
 
 def main() -> None:
@@ -60,11 +52,10 @@ def main() -> None:
     args = parser.parse_args()
     _common.set_threads(args.threads)
     _common.set_clock(args.clock)
+    _common.import_library().keep_freed_cpu_memory()  # a training process (utils.keep_freed_cpu_memory)
 
     sizes = QUICK_SIZES if args.quick else [s for s in SIZES if not args.sizes or s["name"] in args.sizes]
-    names, skipped = _common.available_trainers(args.trainers)
-    for name, why in skipped.items():
-        print(f"skipping {name}: {why}")
+    names = _common.our_trainer_names(args.trainers)
     warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
 
@@ -92,19 +83,16 @@ def main() -> None:
         floor = _common.dense_floor(D, F, B, seed=args.seed)
         for run in (r for r in runs if (r["activation_dim"], r["dict_size"]) == (D, F)):
             row = {"trainer": run["label"], "size": size["name"]}
-            try:
-                trainer, dropped = _common.build_our_trainer(run["trainer"], run["kwargs"])
-                row.update(_common.settle(trainer, run, data[0]))
-                counter = iter(range(10**9))
+            trainer, dropped = _common.build_our_trainer(run["trainer"], run["kwargs"])
+            row.update(_common.settle(trainer, run, data[0]))
+            counter = iter(range(10**9))
 
-                def one_step():
-                    i = next(counter)
-                    trainer.update(i, data[i % len(data)])
+            def one_step():
+                i = next(counter)
+                trainer.update(i, data[i % len(data)])
 
-                row.update(_common.time_interleaved(one_step, floor, warmup, rounds, per_round(size)))
-                row["dropped_kwargs"] = dropped
-            except Exception as e:  # a recipe mid-edit by its author: report, go on
-                row["error"] = _common.describe_error(e)
+            row.update(_common.time_interleaved(one_step, floor, warmup, rounds, per_round(size)))
+            row["dropped_kwargs"] = dropped
             ours.append(row)
             print(f"  ours {row['trainer']} {row['size']}: "
                   f"{row.get('step', {}).get('median_ms', row.get('error'))}", flush=True)
@@ -146,7 +134,7 @@ def main() -> None:
     text = _common.print_table(table, columns + ["note"], title=title)
     _common.write_json(args.out, {
         "benchmark": "train_step", "machine": _common.machine_info(args.threads, args.clock), "sizes": sizes,
-        "warmup": warmup, "rounds": rounds, "skipped": skipped, "ours": ours, "reference": reference,
+        "warmup": warmup, "rounds": rounds, "ours": ours, "reference": reference,
         "table": table, "table_text": text,
     })
 

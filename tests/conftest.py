@@ -1,29 +1,24 @@
-"""Make the repository importable as `dictionary_learning` whatever its folder is called.
+"""Test-suite set-up: `dictionary_learning` is this checkout (whatever its folder is called;
+scripts/_checkout.py), and torch runs on one thread.
 
-After `pip install -e .` the import already works; this only covers running pytest on a bare
-clone.
+After `pip install -e .` the import already finds this checkout; on a bare clone under another name
+`import_checkout` maps it. Tests reach the scripts of scripts/ through the `load_script` fixture.
 """
-import importlib.util
-import pathlib
-import sys
+import runpy
+from pathlib import Path
 
+import pytest
 import torch
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-if "dictionary_learning" not in sys.modules:
-    try:
-        import dictionary_learning  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "dictionary_learning",
-            REPO_ROOT / "__init__.py",
-            submodule_search_locations=[str(REPO_ROOT)],
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["dictionary_learning"] = module
-        spec.loader.exec_module(module)
+_checkout = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "_checkout.py"))
+_checkout["import_checkout"]()
 
 # Tests use small tensors: one thread avoids OpenMP spin-waits that dominate on a busy 2-core
 # machine, and keeps results independent of the core count.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """load_script(name): the module of scripts/<name>.py."""
+    return _checkout["load_script"]

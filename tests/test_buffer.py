@@ -1,14 +1,14 @@
 """ActivationBuffer on tiny offline GPT-NeoX / GPT-2 models (nnsight 0.8, transformers 5)."""
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from lm_fixtures import (  # noqa: E402
+from dictionary_learning import ActivationBuffer
+from dictionary_learning.buffer import token_mask
+
+from .lm_fixtures import (
     ENDOFTEXT,
     documents,
     match_rows,
@@ -19,11 +19,6 @@ from lm_fixtures import (  # noqa: E402
     unique_start_documents,
     wrap,
 )
-
-from dictionary_learning import ActivationBuffer  # noqa: E402
-from dictionary_learning.buffer import token_mask  # noqa: E402
-
-
 
 
 @pytest.fixture(scope="module")

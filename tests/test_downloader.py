@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from dictionary_learning import AutoEncoder
-from dictionary_learning import _verify_download
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "pretrained_dictionary_downloader.sh"
@@ -176,7 +175,7 @@ def test_default_run_unpacks_every_site_from_the_zip(source, server, tmp_path, d
     assert [path for path, _ in server.requests] == [f"/hf/{ZIP_NAME}"]
     ae = AutoEncoder.from_pretrained(target / MODEL / "mlp_out_layer1" / SET / "ae.pt")
     expected = torch.load(source_file(source, "mlp_out_layer1", "ae.pt"), weights_only=True)
-    assert ae.encoder.weight.shape == (F, D)
+    assert ae.W_enc.T.shape == (F, D)
     for key, value in ae.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
 
@@ -396,44 +395,45 @@ def test_without_python_torch_the_check_is_skipped_with_a_warning(source, server
     assert_same_files(source, target, "embed")
 
 
-def test_checker_reports_each_kind_of_bad_file(tmp_path, capsys):
+def test_checker_reports_each_kind_of_bad_file(tmp_path, capsys, load_script):
+    verify_download = load_script("verify_download")
     site_dir = tmp_path / MODEL / "embed" / SET
     site_dir.mkdir(parents=True)
     (site_dir / "config.json").write_text("{}")
     argv = ["--root", str(tmp_path / MODEL), "--set", SET, "--expect-shape", f"{D},{F}", "embed"]
 
     torch.save(random_autoencoder_state(0), site_dir / "ae.pt")
-    assert _verify_download.main(argv) == 0
+    assert verify_download.main(argv) == 0
     assert re.search(r"embed\s+ae\.pt\s+16 x 64", capsys.readouterr().out)
 
-    assert _verify_download.main(argv[:5] + ["any", "embed"]) == 0
+    assert verify_download.main(argv[:5] + ["any", "embed"]) == 0
     capsys.readouterr()
 
     state = random_autoencoder_state(0)
     del state["bias"]
     torch.save(state, site_dir / "ae.pt")
-    assert _verify_download.main(argv) == 1
+    assert verify_download.main(argv) == 1
     assert "(missing ['bias'])" in capsys.readouterr().err
 
     state = random_autoencoder_state(0)
     state["decoder.weight"] = torch.zeros(D, F + 1)
     torch.save(state, site_dir / "ae.pt")
-    assert _verify_download.main(argv[:5] + ["any", "embed"]) == 1
+    assert verify_download.main(argv[:5] + ["any", "embed"]) == 1
     assert "decoder.weight has shape [16, 65], expected [16, 64]" in capsys.readouterr().err
 
     torch.save(random_autoencoder_state(0), site_dir / "ae.pt")
     data = (site_dir / "ae.pt").read_bytes()
     (site_dir / "ae.pt").write_bytes(data[: len(data) // 2])
-    assert _verify_download.main(argv) == 1
+    assert verify_download.main(argv) == 1
     assert "does not load with torch.load" in capsys.readouterr().err
 
     torch.save(random_autoencoder_state(0), site_dir / "ae.pt")
     (site_dir / "config.json").write_text("{not json")
-    assert _verify_download.main(argv) == 1
+    assert verify_download.main(argv) == 1
     assert "config.json: is not valid JSON" in capsys.readouterr().err
 
     (site_dir / "config.json").unlink()
-    assert _verify_download.main(argv) == 1
+    assert verify_download.main(argv) == 1
     assert "config.json: missing" in capsys.readouterr().err
 
 

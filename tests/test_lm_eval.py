@@ -1,17 +1,15 @@
 """Language-model metrics (`loss_recovered`, `evaluate`) against plain HF forwards with torch hooks."""
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from lm_fixtures import ENDOFTEXT, documents, tiny_gpt_neox, wrap  # noqa: E402
+from dictionary_learning import ActivationBuffer, AutoEncoder, IdentityDict
+from dictionary_learning.evaluation import evaluate, loss_recovered
 
-from dictionary_learning import ActivationBuffer, AutoEncoder, IdentityDict  # noqa: E402
-from dictionary_learning.evaluation import evaluate, loss_recovered  # noqa: E402
+from .lm_fixtures import ENDOFTEXT, documents, tiny_gpt_neox, wrap
 
 pytestmark = pytest.mark.filterwarnings("ignore:frac_alive was measured over only")
 

@@ -53,7 +53,7 @@ def recipe_config(name, **overrides):
     fields = {f.name for f in dataclasses.fields(get_trainer_class(name).Config)}
     extras = {"k": 3, "group_sizes": [4, 12, 16], "threshold_start_step": 3, "dead_tokens_threshold": 96,
               "anneal_start": 4, "n_sparsity_updates": 4, "sparsity_queue_length": 2, "resample_steps": 7,
-              "initial_sparsity_penalty": 0.3, "l1_penalty": 0.3, "sparsity_penalty": 0.05}
+              "sparsity_penalty": 0.05 if name == "JumpReluTrainer" else 0.3}
     config = {"trainer": name, "activation_dim": D, "dict_size": F_, "lr": 1e-2, "warmup_steps": 3,
               "decay_start": 15, "sparsity_warmup_steps": 5, "seed": 1}
     config.update({key: value for key, value in extras.items() if key in fields})
@@ -107,13 +107,28 @@ def test_dataclass_configs_are_not_mutated_and_unknown_keys_list_the_valid_ones(
     trainSAE(Stream(make_batches(3)), trainer_configs=[config], steps=3, progress=False)
     assert config == before and config.steps is None
 
-    bad = {**recipe_config("StandardTrainer"), "l1_penaltyy": 0.1}
-    with pytest.raises(ValueError, match=r"l1_penaltyy.*valid keys: .*l1_penalty.*resample_steps"):
+    bad = {**recipe_config("StandardTrainer"), "sparsity_penaltyy": 0.1}
+    with pytest.raises(ValueError, match=r"sparsity_penaltyy.*valid keys: .*sparsity_penalty.*resample_steps"):
         trainSAE(Stream(make_batches(1)), trainer_configs=[bad], steps=1, progress=False)
     with pytest.raises(ValueError, match="'trainer' key"):
         trainSAE(Stream(make_batches(1)), trainer_configs=[{"activation_dim": D, "dict_size": F_}], progress=False)
     with pytest.raises(ValueError, match="inside each of trainer_configs"):
         trainSAE(Stream(make_batches(1)), D, trainer_configs=[recipe_config("StandardTrainer")], progress=False)
+
+
+def test_old_field_names_are_read_as_todays():
+    """Saved configs (and the reference library's) call λ l1_penalty or initial_sparsity_penalty."""
+    from dictionary_learning.training import build_trainer
+
+    standard = build_trainer({"trainer": "StandardTrainer", "activation_dim": D, "dict_size": F_, "warmup_steps": 1,
+                              "l1_penalty": 0.25})
+    assert standard.cfg.sparsity_penalty == 0.25 and "l1_penalty" not in standard.config
+    annealed = build_trainer({"trainer": "PAnnealTrainer", "activation_dim": D, "dict_size": F_, "warmup_steps": 1,
+                              "steps": 20, "anneal_start": 5, "initial_sparsity_penalty": 0.4})
+    assert annealed.sparsity_coeff == 0.4
+    with pytest.raises(ValueError, match="l1_penalty is the old name of sparsity_penalty"):
+        build_trainer({"trainer": "StandardTrainer", "activation_dim": D, "dict_size": F_, "l1_penalty": 0.25,
+                       "sparsity_penalty": 0.5})
 
 
 def test_normalize_activations_folds_the_scale_into_the_saved_weights(tmp_path):
@@ -229,8 +244,8 @@ def test_resume_refuses_other_configs_and_missing_state(tmp_path):
     batches = make_batches(6)
     trainSAE(Stream(batches), trainer_configs=[recipe_config("StandardTrainer")], steps=4, save_dir=tmp_path,
              save_steps=[4], progress=False)
-    with pytest.raises(ValueError, match=r"l1_penalty: saved 0.3, now 0.2"):
-        trainSAE(Stream(batches), trainer_configs=[recipe_config("StandardTrainer", l1_penalty=0.2)], steps=6,
+    with pytest.raises(ValueError, match=r"sparsity_penalty: saved 0.3, now 0.2"):
+        trainSAE(Stream(batches), trainer_configs=[recipe_config("StandardTrainer", sparsity_penalty=0.2)], steps=6,
                  resume_from=tmp_path, progress=False)
     with pytest.raises(ValueError, match="holds 1 trainers but 2"):
         trainSAE(Stream(batches), trainer_configs=[recipe_config("StandardTrainer")] * 2, steps=6,
@@ -244,18 +259,36 @@ def test_resume_refuses_other_configs_and_missing_state(tmp_path):
 
 
 def test_resume_restores_dictionary_tensors_bit_for_bit(tmp_path):
-    """JumpReLU saves θ = exp(log θ) in its state dict, and log(exp(v)) ≠ v for ~1% of floats; the
-    training state must carry log θ itself."""
+    """The training state holds every trained tensor as it is: JumpReLU's θ even where log θ would
+    not round-trip through exp (as it did not when θ was stored as log θ)."""
     name = "JumpReluTrainer"
-    from dictionary_learning.training import _load_training_state, _save_training_state, build_trainer
+    from dictionary_learning.runs import Checkpointer
+    from dictionary_learning.training import build_trainer
 
     trainer = build_trainer(recipe_config(name), steps=10)
     candidates = torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 2 - 5
-    lossy = candidates[candidates.exp().log() != candidates][:F_]
+    lossy = candidates[candidates.exp().log() != candidates][:F_].exp()
     assert len(lossy) == F_
     with torch.no_grad():
-        trainer.ae.log_threshold.copy_(lossy)
-    _save_training_state(tmp_path, [trainer], 5, None)
+        trainer.ae.threshold.copy_(lossy)
+    Checkpointer(tmp_path / STATE_FILE).save([trainer], 5, None)
     fresh = build_trainer(recipe_config(name), steps=10)
-    assert _load_training_state(tmp_path, [fresh])[0] == 5
-    assert torch.equal(fresh.ae.log_threshold, lossy)
+    assert Checkpointer(tmp_path / STATE_FILE).load([fresh])[0] == 5
+    assert torch.equal(fresh.ae.threshold, lossy)
+    assert_identical(fresh.ae, trainer.ae)
+
+
+def test_resume_never_runs_code_from_the_state_file(tmp_path):
+    """training_state.pt is read with weights_only=True: a shared run folder whose state file
+    carries a pickled call does not get it executed."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    torch.save({"format": 2, "steps_done": 1, "trainers": [Payload()]}, tmp_path / STATE_FILE)
+    with pytest.raises(ValueError, match="could not read"):
+        trainSAE(Stream(make_batches(4)), trainer_configs=[recipe_config("StandardTrainer")], steps=4,
+                 resume_from=tmp_path, progress=False)
+    assert not marker.exists()

@@ -9,7 +9,6 @@ import torch
 from dictionary_learning import AutoEncoder, GatedAutoEncoder
 from dictionary_learning.synthetic import SyntheticActivations, mean_max_cosine_similarity
 from dictionary_learning.training import ConstrainedAdam, build_trainer, trainSAE
-from dictionary_learning.trainers.p_anneal import lp_sparsity
 
 D, F = 16, 64
 RECIPES = ["StandardTrainerAprilUpdate", "GatedSAETrainer", "PAnnealTrainer", "GatedAnnealTrainer"]
@@ -33,7 +32,7 @@ def gated_with_random_biases(seed=0):
     torch.manual_seed(seed)
     ae = GatedAutoEncoder(D, F)
     with torch.no_grad():
-        for p in (ae.decoder_bias, ae.gate_bias, ae.mag_bias, ae.r_mag):
+        for p in (ae.b_dec, ae.b_gate, ae.b_mag, ae.r_mag):
             p.normal_(0, 0.5)
     return ae
 
@@ -49,26 +48,26 @@ def test_gated_state_dict_keys_and_init():
         "decoder_bias": (D,), "encoder.weight": (F, D), "r_mag": (F,), "gate_bias": (F,), "mag_bias": (F,),
         "decoder.weight": (D, F),
     }
-    torch.testing.assert_close(ae.decoder.weight.norm(dim=0), torch.ones(F))
-    assert torch.equal(ae.encoder.weight, ae.decoder.weight.T)
-    for name in ("decoder_bias", "r_mag", "gate_bias", "mag_bias"):
+    torch.testing.assert_close(ae.W_dec.T.norm(dim=0), torch.ones(F))
+    assert torch.equal(ae.W_enc.T, ae.W_dec)
+    for name in ("b_dec", "r_mag", "b_gate", "b_mag"):
         assert torch.equal(getattr(ae, name), torch.zeros_like(getattr(ae, name))), name
 
 
 def test_gated_features_are_gate_times_magnitude():
     ae = gated_with_random_biases()
     x = torch.randn(200, D)
-    pi_gate = (x - ae.decoder_bias) @ ae.encoder.weight.T + ae.gate_bias
-    w_mag = torch.exp(ae.r_mag)[:, None] * ae.encoder.weight
-    torch.testing.assert_close(ae.magnitude_weight, w_mag)
-    pi_mag = (x - ae.decoder_bias) @ w_mag.T + ae.mag_bias
+    pi_gate = (x - ae.b_dec) @ ae.W_enc + ae.b_gate
+    w_mag = torch.exp(ae.r_mag)[:, None] * ae.W_enc.T
+    torch.testing.assert_close(ae.magnitude_weight.T, w_mag)
+    pi_mag = (x - ae.b_dec) @ w_mag.T + ae.b_mag
     f, gate = ae.encode(x, return_gate=True)
     closed = pi_gate <= 0
     assert closed.any() and (~closed).any()
     assert torch.equal(f == 0, closed | (pi_mag <= 0))  # zero exactly where the gate is shut (or π_mag ≤ 0)
     torch.testing.assert_close(f[~closed], torch.relu(pi_mag)[~closed])
     torch.testing.assert_close(gate, torch.relu(pi_gate))
-    torch.testing.assert_close(ae.decode(f), f @ ae.decoder.weight.T + ae.decoder_bias)
+    torch.testing.assert_close(ae.decode(f), f @ ae.W_dec + ae.b_dec)
     x_hat, f_out = ae(x, output_features=True)
     torch.testing.assert_close(f_out, f)
     torch.testing.assert_close(x_hat, ae.decode(f))
@@ -94,7 +93,7 @@ def test_gated_save_load_round_trip(tmp_path):
     as_double = GatedAutoEncoder.from_pretrained(tmp_path / "ae.pt", dtype=torch.float64)
     assert as_double.r_mag.dtype == torch.float64
     with torch.device("meta"):  # how from_state_dict builds it: no in-place init on meta tensors
-        assert GatedAutoEncoder(D, F).decoder.weight.is_meta
+        assert GatedAutoEncoder(D, F).W_dec.T.is_meta
     torch.save(AutoEncoder(D, F).state_dict(), tmp_path / "standard.pt")
     with pytest.raises(ValueError, match="decoder_bias"):
         GatedAutoEncoder.from_pretrained(tmp_path / "standard.pt")
@@ -117,9 +116,9 @@ def test_gated_scale_biases_folds_input_scale():
 def test_april_init_schedules_and_optimizer():
     trainer = make_trainer("StandardTrainerAprilUpdate", steps=1000, lr=1e-3, warmup_steps=10)
     ae = trainer.ae
-    torch.testing.assert_close(ae.decoder.weight.norm(dim=0), torch.full((F,), 0.1))
-    assert torch.equal(ae.encoder.weight, ae.decoder.weight.T)
-    assert not ae.bias.any() and not ae.encoder.bias.any()
+    torch.testing.assert_close(ae.W_dec.T.norm(dim=0), torch.full((F,), 0.1))
+    assert torch.equal(ae.W_enc.T, ae.W_dec)
+    assert not ae.b_dec.any() and not ae.b_enc.any()
     assert type(trainer.optimizer) is torch.optim.Adam
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.999)
     # λ warms up over the first 5% of the run, the LR decays to 0 over the last 20%
@@ -130,15 +129,15 @@ def test_april_init_schedules_and_optimizer():
 
 
 def test_april_sparsity_is_decoder_norm_weighted_l1():
-    trainer = make_trainer("StandardTrainerAprilUpdate", steps=1000, l1_penalty=0.7)
+    trainer = make_trainer("StandardTrainerAprilUpdate", steps=1000, sparsity_penalty=0.7)
     ae = trainer.ae
     with torch.no_grad():
-        ae.decoder.weight.mul_(torch.rand(F) * 3)  # unequal column norms
-        ae.encoder.bias.fill_(0.05)
+        ae.W_dec.T.mul_(torch.rand(F) * 3)  # unequal column norms
+        ae.b_enc.fill_(0.05)
     x = random_batches(1)[0]
-    f = torch.relu((x - ae.bias) @ ae.encoder.weight.T + ae.encoder.bias)
-    x_hat = f @ ae.decoder.weight.T + ae.bias
-    norms = ae.decoder.weight.norm(dim=0)
+    f = torch.relu((x - ae.b_dec) @ ae.W_enc + ae.b_enc)
+    x_hat = f @ ae.W_dec + ae.b_dec
+    norms = ae.W_dec.T.norm(dim=0)
     by_hand = sum(f[b, i] * norms[i] for b in range(x.shape[0]) for i in range(F)) / x.shape[0]
     mse = (x - x_hat).pow(2).sum(-1).mean()
     for step, warm in [(10, 11 / 50), (600, 1.0)]:
@@ -147,7 +146,7 @@ def test_april_sparsity_is_decoder_norm_weighted_l1():
         torch.testing.assert_close(out.loss, mse + 0.7 * warm * by_hand)
     # the penalty's gradient reaches the decoder norms
     trainer.loss(x, 600).loss.backward()
-    assert ae.decoder.weight.grad.abs().sum() > 0
+    assert ae.W_dec.grad.T.abs().sum() > 0
 
 
 def test_april_clips_gradient_norm_and_keeps_decoder_free():
@@ -165,7 +164,7 @@ def test_april_clips_gradient_norm_and_keeps_decoder_free():
         torch.testing.assert_close(p.grad, g / norm_before, rtol=1e-4, atol=1e-7)
     for step, x in enumerate(random_batches(10)):
         trainer.update(step, x)
-    norms = trainer.ae.decoder.weight.norm(dim=0)
+    norms = trainer.ae.W_dec.T.norm(dim=0)
     assert (norms - 0.1).abs().max() > 1e-3 and (norms - 1).abs().min() > 0.1  # neither init nor unit norm
 
 
@@ -173,13 +172,13 @@ def test_april_clips_gradient_norm_and_keeps_decoder_free():
 
 
 def test_gated_loss_terms():
-    trainer = make_trainer("GatedSAETrainer", l1_penalty=0.3)
+    trainer = make_trainer("GatedSAETrainer", sparsity_penalty=0.3)
     with torch.no_grad():
         trainer.ae.load_state_dict(gated_with_random_biases().state_dict())
     ae, x = trainer.ae, random_batches(1)[0]
     f, gate = ae.encode(x, return_gate=True)
     recon = (x - ae.decode(f)).pow(2).sum(-1).mean()
-    aux = (x - gate @ ae.decoder.weight.T - ae.decoder_bias).pow(2).sum(-1).mean()
+    aux = (x - gate @ ae.W_dec - ae.b_dec).pow(2).sum(-1).mean()
     l1 = gate.abs().sum(-1).mean()
     out = trainer.loss(x, step=5)
     torch.testing.assert_close(out.loss, recon + 0.3 * l1 + aux)
@@ -193,15 +192,14 @@ def test_gated_loss_and_gradients_match_the_formula_on_both_paths(name, gate_shi
     """The trainer's loss on dense features (GatedEncode) and on the open gates only
     (SparseCodes, sparse kernels) equals the paper's loss written densely, with the same
     gradient for every parameter (float64)."""
-    from dictionary_learning.dictionary import SparseCodes
+    from dictionary_learning.kernels import SparseCodes
 
-    penalty_key = "initial_sparsity_penalty" if name == "GatedAnnealTrainer" else "l1_penalty"
-    trainer = make_trainer(name, dict_size=512, **{penalty_key: 0.3})
+    trainer = make_trainer(name, dict_size=512, sparsity_penalty=0.3)
     ae = trainer.ae.double()
     with torch.no_grad():
-        for p in (ae.decoder_bias, ae.gate_bias, ae.mag_bias, ae.r_mag):
+        for p in (ae.b_dec, ae.b_gate, ae.b_mag, ae.r_mag):
             p.normal_(0, 0.5)
-        ae.gate_bias.add_(gate_shift)
+        ae.b_gate.add_(gate_shift)
     x = torch.randn(256, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     p_norm = 1.0
     if name == "GatedAnnealTrainer":
@@ -211,8 +209,8 @@ def test_gated_loss_and_gradients_match_the_formula_on_both_paths(name, gate_shi
 
     def formula_loss():
         f, gate = _gated_formula(ae, x)
-        recon = (x - f @ ae.decoder.weight.T - ae.decoder_bias).pow(2).sum(-1).mean()
-        aux = (x - gate @ ae.decoder.weight.detach().T - ae.decoder_bias.detach()).pow(2).sum(-1).mean()
+        recon = (x - f @ ae.W_dec - ae.b_dec).pow(2).sum(-1).mean()
+        aux = (x - gate @ ae.W_dec.T.detach().T - ae.b_dec.detach()).pow(2).sum(-1).mean()
         penalty = 0.3 * gate.pow(p_norm).sum(-1).mean()
         return recon + penalty + aux
 
@@ -233,9 +231,9 @@ def test_gated_loss_and_gradients_match_the_formula_on_both_paths(name, gate_shi
 
 def _gated_formula(ae, x):
     """f = 1[π_gate > 0] ⊙ ReLU(π_mag) and ReLU(π_gate), by plain autograd."""
-    pre = (x - ae.decoder_bias) @ ae.encoder.weight.T
-    gate_pre = pre + ae.gate_bias
-    magnitude = torch.relu(ae.r_mag.exp() * pre + ae.mag_bias)
+    pre = (x - ae.b_dec) @ ae.W_enc
+    gate_pre = pre + ae.b_gate
+    magnitude = torch.relu(ae.r_mag.exp() * pre + ae.b_mag)
     return torch.where(gate_pre > 0, magnitude, torch.zeros_like(magnitude)), torch.relu(gate_pre)
 
 
@@ -246,14 +244,14 @@ def test_gated_aux_loss_trains_only_the_gate_path():
     ae, x = trainer.ae, random_batches(1)[0]
     _, _, _, aux_loss = trainer.loss_terms(x)
     aux_loss.backward()
-    for frozen in (ae.decoder.weight, ae.r_mag, ae.mag_bias):
+    for frozen in (ae.W_dec, ae.r_mag, ae.b_mag):
         assert frozen.grad is None or not frozen.grad.any()
-    assert ae.encoder.weight.grad.abs().sum() > 0 and ae.gate_bias.grad.abs().sum() > 0
+    assert ae.W_enc.grad.T.abs().sum() > 0 and ae.b_gate.grad.abs().sum() > 0
     # b_dec reaches the aux loss only through the input centering x − b_dec of the gate (the
     # paper's pseudo-code); its use in the reconstruction is frozen
-    b = ae.decoder_bias
-    gate = torch.relu((x - b) @ ae.encoder.weight.T + ae.gate_bias)
-    x_hat_gate = gate @ ae.decoder.weight.detach().T
+    b = ae.b_dec
+    gate = torch.relu((x - b) @ ae.W_enc + ae.b_gate)
+    x_hat_gate = gate @ ae.W_dec.T.detach().T
     (frozen_grad,) = torch.autograd.grad((x - x_hat_gate - b.detach()).pow(2).sum(-1).mean(), b, retain_graph=True)
     (unfrozen_grad,) = torch.autograd.grad((x - x_hat_gate - b).pow(2).sum(-1).mean(), b)
     torch.testing.assert_close(b.grad, frozen_grad)
@@ -262,7 +260,7 @@ def test_gated_aux_loss_trains_only_the_gate_path():
     ae.zero_grad()
     _, _, recon_loss, _ = trainer.loss_terms(x)
     recon_loss.backward()
-    assert ae.decoder.weight.grad.abs().sum() > 0 and ae.r_mag.grad.abs().sum() > 0
+    assert ae.W_dec.grad.T.abs().sum() > 0 and ae.r_mag.grad.abs().sum() > 0
 
 
 def test_gated_optimizer_is_constrained_adam_with_paper_betas():
@@ -271,7 +269,7 @@ def test_gated_optimizer_is_constrained_adam_with_paper_betas():
     assert trainer.optimizer.param_groups[0]["betas"] == (0.0, 0.999)
     for step, x in enumerate(random_batches(10)):
         trainer.update(step, x)
-    torch.testing.assert_close(trainer.ae.decoder.weight.norm(dim=0), torch.ones(F))
+    torch.testing.assert_close(trainer.ae.W_dec.T.norm(dim=0), torch.ones(F))
 
 
 # --- p-annealing --------------------------------------------------------------------------------
@@ -280,30 +278,13 @@ def test_gated_optimizer_is_constrained_adam_with_paper_betas():
 def test_p_anneal_at_p_1_is_the_standard_recipe():
     from dictionary_learning.trainers.standard import StandardTrainer, StandardTrainerConfig
 
-    annealed = make_trainer("PAnnealTrainer", steps=20, anneal_start=10, initial_sparsity_penalty=0.2, lr=1e-2)
-    standard = StandardTrainer(StandardTrainerConfig(D, F, lr=1e-2, warmup_steps=2, seed=0, l1_penalty=0.2))
+    annealed = make_trainer("PAnnealTrainer", steps=20, anneal_start=10, sparsity_penalty=0.2, lr=1e-2)
+    standard = StandardTrainer(StandardTrainerConfig(D, F, lr=1e-2, warmup_steps=2, seed=0, sparsity_penalty=0.2))
     for step, x in enumerate(random_batches(10)):
         a, s = annealed.update(step, x), standard.update(step, x)
         assert float(a["loss"]) == pytest.approx(float(s["loss"]), rel=1e-6)
     for key, value in standard.ae.state_dict().items():
         torch.testing.assert_close(annealed.ae.state_dict()[key], value)
-
-
-def test_lp_sparsity_values_and_finite_gradient_at_zero():
-    f = torch.tensor([[4.0, 0.0, 1.0], [0.0, 0.0, 9.0]])
-    assert lp_sparsity(f, 0.5).item() == pytest.approx(((2 + 1) + 3) / 2)
-    assert lp_sparsity(f, 0.5, "Lp").item() == pytest.approx((3**2 + 3**2) / 2)
-    assert lp_sparsity(f, 1.0).item() == pytest.approx(14 / 2)
-    from dictionary_learning.dictionary import SparseCodes
-
-    rows, columns = f.nonzero(as_tuple=True)
-    sparse = SparseCodes(f[rows, columns], rows, columns, n_rows=3)  # plus a token with no entries
-    dense = torch.cat([f, torch.zeros(1, 3)])
-    for p, kind in [(0.5, "Lp^p"), (0.5, "Lp"), (1.0, "Lp"), (1.0, "Lp^p")]:
-        torch.testing.assert_close(lp_sparsity(sparse, p, kind), lp_sparsity(dense, p, kind))
-    pre = torch.tensor([[1.0, -2.0, 0.0]], requires_grad=True)
-    lp_sparsity(torch.relu(pre), 0.2).backward()
-    assert torch.isfinite(pre.grad).all() and pre.grad[0, 1] == 0
 
 
 @pytest.mark.parametrize("name", ["PAnnealTrainer", "GatedAnnealTrainer"])
@@ -390,8 +371,8 @@ RESAMPLING = ["GatedSAETrainer", "PAnnealTrainer", "GatedAnnealTrainer"]
 def per_latent_params(trainer):
     ae = trainer.ae
     if isinstance(ae, GatedAutoEncoder):
-        return [ae.gate_bias, ae.mag_bias, ae.r_mag]
-    return [ae.encoder.bias]
+        return [ae.b_gate, ae.b_mag, ae.r_mag]
+    return [ae.b_enc]
 
 
 @pytest.mark.parametrize("name", RESAMPLING)
@@ -408,11 +389,11 @@ def test_resampling_revives_latents_that_never_fire(name):
     ae = trainer.ae
     for p in per_latent_params(trainer):
         assert torch.equal(p[never_fire], torch.zeros(3))
-    columns = ae.decoder.weight[:, never_fire].T  # unit inputs of the last batch
+    columns = ae.W_dec.T[:, never_fire].T  # unit inputs of the last batch
     torch.testing.assert_close(columns.norm(dim=-1), torch.ones(3))
     unit_inputs = batches[4] / batches[4].norm(dim=-1, keepdim=True)
     assert ((columns @ unit_inputs.T).max(dim=-1).values - 1).abs().max() < 1e-5
-    rows = ae.encoder.weight[never_fire]
+    rows = ae.W_enc.T[never_fire]
     torch.testing.assert_close(rows / rows.norm(dim=-1, keepdim=True), columns)
     assert (trainer.dead_tracker.steps_since_fired[never_fire] == 0).all()
     assert (ae.encode(batches[4])[:, never_fire] > 0).any()  # they fire again
@@ -428,7 +409,7 @@ def test_resampling_resets_adam_state_of_exactly_the_dead_latents(name):
     live = ~dead
     ae, state = trainer.ae, trainer.optimizer.state
     weights_before = {k: v.clone() for k, v in ae.state_dict().items()}
-    params = [(ae.encoder.weight, 0), (ae.decoder.weight, 1)] + [(p, 0) for p in per_latent_params(trainer)]
+    params = [(ae.W_enc, 1), (ae.W_dec, 0)] + [(p, 0) for p in per_latent_params(trainer)]  # the latent's index
     state_before = {p: {k: state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p, _ in params}
     resampled = trainer.resample_neurons(dead, random_batches(1, seed=9)[0])
     assert sorted(resampled.tolist()) == [1, 5, 17, 40]
@@ -439,9 +420,9 @@ def test_resampling_resets_adam_state_of_exactly_the_dead_latents(name):
             assert then.index_select(dim, resampled).abs().sum() > 0
             live_index = live.nonzero().squeeze(-1)
             assert torch.equal(now.index_select(dim, live_index), then.index_select(dim, live_index))
-    assert torch.equal(ae.encoder.weight[live], weights_before["encoder.weight"][live])
-    assert torch.equal(ae.decoder.weight[:, live], weights_before["decoder.weight"][:, live])
-    assert not torch.isclose(ae.encoder.weight[dead], weights_before["encoder.weight"][dead]).all(dim=-1).any()
+    assert torch.equal(ae.W_enc.T[live], weights_before["encoder.weight"][live])
+    assert torch.equal(ae.W_dec.T[:, live], weights_before["decoder.weight"][:, live])
+    assert not torch.isclose(ae.W_enc.T[dead], weights_before["encoder.weight"][dead]).all(dim=-1).any()
 
 
 # --- every recipe ---------------------------------------------------------------------------------
@@ -504,10 +485,10 @@ def test_trainSAE_runs_recipe_and_saves_loadable_dictionary(name, tmp_path):
 SYN_D, SYN_TRUE, SYN_F, SYN_B, SYN_STEPS = 64, 512, 512, 256, 500
 ANNEAL_SYN = dict(anneal_start=250, n_sparsity_updates=4, p_end=0.5)
 SYN_CONFIGS = {
-    "StandardTrainerAprilUpdate": dict(l1_penalty=0.6, lr=1e-2),
-    "GatedSAETrainer": dict(l1_penalty=1.0, lr=6e-2),
-    "PAnnealTrainer": dict(initial_sparsity_penalty=0.3, lr=3e-2, **ANNEAL_SYN),
-    "GatedAnnealTrainer": dict(initial_sparsity_penalty=0.7, lr=6e-2, **ANNEAL_SYN),
+    "StandardTrainerAprilUpdate": dict(sparsity_penalty=0.6, lr=1e-2),
+    "GatedSAETrainer": dict(sparsity_penalty=1.0, lr=6e-2),
+    "PAnnealTrainer": dict(sparsity_penalty=0.3, lr=3e-2, **ANNEAL_SYN),
+    "GatedAnnealTrainer": dict(sparsity_penalty=0.7, lr=6e-2, **ANNEAL_SYN),
 }
 # Measured at this budget (torch 2.13, CPU), trained / untrained dictionary:
 #   recipe                      L0    FVU    MMCS   dead     untrained MMCS
@@ -555,6 +536,7 @@ def trained_on_synthetic(request):
     return name, trainer, mse, untrained, quality
 
 
+@pytest.mark.slow
 def test_training_lowers_the_reconstruction_loss(trained_on_synthetic):
     name, _, mse, _, _ = trained_on_synthetic
     # p-annealing starts from W_enc = 0.1 W_decᵀ, so its first MSE is about E‖x‖² (f ≈ 0) rather than
@@ -563,6 +545,7 @@ def test_training_lowers_the_reconstruction_loss(trained_on_synthetic):
     assert sum(mse[-20:]) / 20 < drop * sum(mse[:5]) / 5
 
 
+@pytest.mark.slow
 def test_learns_the_true_features(trained_on_synthetic):
     name, _, _, untrained, quality = trained_on_synthetic
     assert untrained["MMCS"] < 0.4
@@ -571,9 +554,10 @@ def test_learns_the_true_features(trained_on_synthetic):
     assert 2 <= quality["L0"] <= 15  # ~5 true features per sample
 
 
+@pytest.mark.slow
 def test_decoder_norms_after_training(trained_on_synthetic):
     name, trainer, _, _, _ = trained_on_synthetic
-    norms = trainer.ae.decoder.weight.norm(dim=0)
+    norms = trainer.ae.W_dec.T.norm(dim=0)
     if name == "StandardTrainerAprilUpdate":
         assert norms.std() > 0.01  # free norms: they carry the features' scale
     else:

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dictionary_learning.dictionary as dictionary_module
-import dictionary_learning.trainers.top_k as top_k_module
+import dictionary_learning.kernels as kernels_module
+from dictionary_learning import fvu
 from dictionary_learning.dictionary import (
     AutoEncoderTopK,
     BatchTopKSAE,
@@ -37,20 +37,15 @@ from dictionary_learning.trainers.matryoshka_batch_top_k import (
     MatryoshkaBatchTopKTrainer,
     MatryoshkaBatchTopKTrainerConfig,
 )
-from dictionary_learning.trainers.top_k import (
-    TopKTrainer,
-    TopKTrainerConfig,
-    geometric_median,
-    sparse_auxk_loss,
-)
+from dictionary_learning.kernels import auxk_loss as sparse_auxk_loss
+from dictionary_learning.trainers.families import geometric_median
+from dictionary_learning.trainers.top_k import TopKTrainer, TopKTrainerConfig
 
 D, F_SMALL = 16, 64
 
 
 def decoder_norms(ae) -> torch.Tensor:
-    if isinstance(ae, (MatryoshkaBatchTopKSAE, JumpReluAutoEncoder)):
-        return ae.W_dec.detach().norm(dim=1)
-    return ae.decoder.weight.detach().norm(dim=0)
+    return ae.W_dec.detach().norm(dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +131,7 @@ def test_jumprelu_encode_is_pre_activation_times_step():
     torch.manual_seed(0)
     ae = JumpReluAutoEncoder(D, F_SMALL)
     with torch.no_grad():
-        ae.log_threshold.copy_(torch.rand(F_SMALL).mul(0.8).add(0.1).log())
+        ae.threshold.copy_(torch.rand(F_SMALL).mul(0.8).add(0.1))
     x = torch.randn(2, 5, D)
     pi = x @ ae.W_enc + ae.b_enc
     torch.testing.assert_close(ae.encode(x), pi * (pi > ae.threshold))
@@ -173,15 +168,14 @@ def kernels(request, monkeypatch):
     """Run a test with the sparse decode/encoder-gradient kernels, then with their dense
     fallbacks (which take over above DENSE_DECODE_DENSITY nonzero features)."""
     density = 1.0 if request.param == "sparse kernels" else 0.0
-    monkeypatch.setattr(dictionary_module, "DENSE_DECODE_DENSITY", density)
-    monkeypatch.setattr(top_k_module, "DENSE_DECODE_DENSITY", density)
+    monkeypatch.setattr(kernels_module, "DENSE_DECODE_DENSITY", density)
     return request.param
 
 
 def _randomise_biases(ae) -> None:
     with torch.no_grad():
         ae.b_dec.normal_()
-        bias = ae.encoder_bias if hasattr(ae, "encoder_bias") else ae.b_enc
+        bias = ae.b_enc
         bias.normal_(0, 0.1)
 
 
@@ -208,17 +202,17 @@ def test_topk_loss_with_auxk_matches_dense_autograd(kernels):
     features_3d = trainer.loss(x.reshape(4, 8, D), step=0).features.to_dense(F_SMALL)  # k per token, not per row of 8
     assert features_3d.shape == (32, F_SMALL) and features_3d.equal(features)
 
-    pre = F.linear(x - ae.b_dec, ae.encoder.weight, ae.encoder.bias)
+    pre = F.linear(x - ae.b_dec, ae.W_enc.T, ae.b_enc)
     top = pre.topk(4, dim=-1)
     f = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
-    residual = x - (f @ ae.decoder.weight.T + ae.b_dec)
+    residual = x - (f @ ae.W_dec + ae.b_dec)
     dead = torch.zeros(F_SMALL, dtype=torch.bool)
     dead[::3] = True
-    pre_fixed_b_dec = F.linear(x - ae.b_dec.detach(), ae.encoder.weight, ae.encoder.bias)
+    pre_fixed_b_dec = F.linear(x - ae.b_dec.detach(), ae.W_enc.T, ae.b_enc)
     aux_top = pre_fixed_b_dec.masked_fill(~dead, -math.inf).topk(8, dim=-1)
     f_aux = torch.zeros_like(pre).scatter(1, aux_top.indices, aux_top.values.relu())
     e = residual.detach()
-    aux = (f_aux @ ae.decoder.weight.T - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    aux = (f_aux @ ae.W_dec - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     reference = residual.pow(2).sum(-1).mean() + aux / 32
     _assert_same_gradients(out.loss, reference, ae)
 
@@ -240,10 +234,10 @@ def test_batch_topk_losses_match_dense_autograd(matryoshka, kernels):
     out = trainer.loss(x, step=0)
     assert (out.features.to_dense(F_SMALL) != 0).sum() == 4 * 32
 
-    pre = F.linear(x - ae.b_dec, ae.encoder_rows, ae.encoder_bias)
+    pre = F.linear(x - ae.b_dec, ae.W_enc.T, ae.b_enc)
     top = pre.flatten().topk(4 * 32)
     f = torch.zeros(32 * F_SMALL).scatter(0, top.indices, top.values.relu()).reshape(32, F_SMALL)
-    reference = sum(w * (x - (f[:, :m] @ ae.decoder_rows[:m] + ae.b_dec)).pow(2).sum(-1).mean() for m, w in prefixes)
+    reference = sum(w * (x - (f[:, :m] @ ae.W_dec[:m] + ae.b_dec)).pow(2).sum(-1).mean() for m, w in prefixes)
     _assert_same_gradients(out.loss, reference, ae)
 
 
@@ -273,7 +267,7 @@ def test_jumprelu_loss_matches_dense_autograd(kernels):
                                                     warmup_steps=1, seed=1))
     ae = trainer.ae
     with torch.no_grad():
-        ae.log_threshold.copy_(torch.rand(F_SMALL).mul(0.5).add(0.05).log())
+        ae.threshold.copy_(torch.rand(F_SMALL).mul(0.5).add(0.05))
     _randomise_biases(ae)
     x = torch.randn(32, D)
     out = trainer.loss(x, step=0)
@@ -302,16 +296,16 @@ def test_auxk_gradient_reaches_only_dead_latents():
     dead[[3, 10, 11, 40]] = True
     x = torch.randn(16, D)
     encoder_input = x - ae.b_dec.detach()
-    pre = F.linear(encoder_input, ae.encoder_rows, ae.encoder_bias).detach()
+    pre = F.linear(encoder_input, ae.W_enc.T, ae.b_enc).detach()
     residual = torch.randn(16, D)
-    aux = sparse_auxk_loss(pre, encoder_input, ae.encoder_rows, ae.encoder_bias, ae.decoder_rows, dead,
+    aux = sparse_auxk_loss(pre, encoder_input, ae.W_enc, ae.b_enc, ae.W_dec, dead,
                            residual, k_aux=2)
     aux.backward()
     touched = lambda g, dim: g.abs().sum(dim) > 0  # noqa: E731
-    assert touched(ae.encoder.weight.grad, 1)[~dead].sum() == 0
-    assert touched(ae.encoder.bias.grad[:, None], 1)[~dead].sum() == 0
-    assert touched(ae.decoder.weight.grad, 0)[~dead].sum() == 0
-    assert touched(ae.decoder.weight.grad, 0)[dead].sum() > 0
+    assert touched(ae.W_enc.grad.T, 1)[~dead].sum() == 0
+    assert touched(ae.b_enc.grad[:, None], 1)[~dead].sum() == 0
+    assert touched(ae.W_dec.grad.T, 0)[~dead].sum() == 0
+    assert touched(ae.W_dec.grad.T, 0)[dead].sum() > 0
     assert ae.b_dec.grad is None or (ae.b_dec.grad == 0).all()
 
 
@@ -504,13 +498,14 @@ def evaluate(ae, x, true_features) -> dict:
     cosines = max_cosine_similarities(ae, true_features)
     return {
         "l0": (f != 0).sum(-1).float().mean().item(),
-        "fvu": ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(),
+        "fvu": fvu(x, x_hat),
         "mmcs": cosines.mean().item(),
         "recovered": (cosines > 0.9).float().mean().item(),
         "dead": ((f != 0).sum(0) == 0).float().mean().item(),
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRAINED))
 def test_training_recovers_synthetic_features(trained, name):
     ae = trained["dictionaries"][name]
@@ -527,6 +522,7 @@ def test_training_recovers_synthetic_features(trained, name):
         assert abs(float(norm) - 1) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["BatchTopKTrainer", "MatryoshkaBatchTopKTrainer"])
 def test_batch_topk_learns_a_threshold_that_gives_about_k_latents(trained, name):
     ae = trained["dictionaries"][name]
@@ -538,6 +534,7 @@ def test_batch_topk_learns_a_threshold_that_gives_about_k_latents(trained, name)
     assert 0.5 * 5 < (f != 0).sum(-1).float().mean() < 2 * 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRAINED))
 def test_saved_dictionary_loads_with_from_pretrained(trained, name):
     ae = trained["dictionaries"][name]
@@ -545,21 +542,3 @@ def test_saved_dictionary_loads_with_from_pretrained(trained, name):
     x = trained["held_out"][:60].reshape(3, 20, 64)
     assert loaded(x).equal(ae(x))
     assert loaded.encode(x).equal(ae.encode(x))
-
-
-@pytest.mark.parametrize("case", ["continuous", "ties", "unlucky_sample"])
-def test_largest_entries_is_topk(case):
-    from dictionary_learning.dictionary import largest_entries
-
-    generator = torch.Generator().manual_seed(3)
-    values = torch.randn(64 * 2048, generator=generator)
-    if case == "ties":  # many equal values around the cutoff
-        values = (values * 4).round()
-    if case == "unlucky_sample":  # every sampled entry is among the largest: the cutoff is too high
-        values[::16] += 100.0
-    m = 32 * 64
-    top, positions = largest_entries(values, m)
-    expected = values.topk(m).values
-    assert positions.unique().numel() == m
-    assert torch.equal(values[positions], top)
-    assert torch.equal(top.sort(descending=True).values, expected)  # the same multiset of values

@@ -1,58 +1,25 @@
-"""What every training recipe shares: config, LR and sparsity schedules, dead-latent tracking,
-the unit-norm decoder constraint (ConstrainedAdam), dead-latent resampling, and checkpointable
-state. (AuxK, which only the TopK family uses, lives with its other shared pieces in top_k.py.)
+"""What every training recipe shares: the config fields, LR and sparsity schedules, dead-latent
+tracking, the unit-norm decoder constraint (ConstrainedAdam), dead-latent resampling, and
+checkpointable state. (What only a family of recipes shares is in families.py.)
 
 A recipe subclasses `SAETrainer`, declares its `Config` dataclass and `dictionary_class`, builds
-its dictionary and optimizer in `__init__`, and implements `loss(x, step) -> (loss, metrics)`.
-`update(step, x)` does one optimisation step and is the only method that changes training state.
+its dictionary (`build_dictionary`) and optimizer in `__init__`, and implements
+`loss(x, step) -> LossOutput`. `update(step, x)` does one optimisation step and is the only method
+that changes training state. A trainer draws every random number (initialisation, resampling) from
+its own generator, seeded by `config.seed`; it never touches torch's global RNG.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import os
-import sys
+import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, NamedTuple
 
 import torch
 import torch.nn as nn
 
-from ..dictionary import Dictionary, SparseCodes
-
-
-_freed_memory_kept = False
-
-
-def keep_freed_cpu_memory() -> bool:
-    """Make glibc keep freed blocks for reuse instead of returning them to the OS; returns whether
-    that is in effect for this process.
-
-    PyTorch has no caching allocator on CPU, and glibc serves every block above its mmap threshold
-    (at most 32 MiB) with a fresh `mmap`: each [B, F] temporary of a training step then costs one
-    page fault per 4 KiB touched (0.5M faults, ~2 GiB, per gated step at B=4096, F=8192; a third
-    of its time). `mallopt(M_MMAP_MAX, 0)` and a maximal `M_TRIM_THRESHOLD` make those blocks come
-    from the heap and stay there, so the next step reuses the same pages. Process-wide: the heap
-    keeps its peak size, which a training process reaches every step anyway. Skipped (False) off
-    glibc, when the user tunes malloc through MALLOC_* or GLIBC_TUNABLES, preloads another
-    allocator, or sets DICTIONARY_LEARNING_KEEP_FREED_MEMORY=0. Called when a CPU trainer is built.
-    """
-    global _freed_memory_kept
-    if _freed_memory_kept:
-        return True
-    if (not sys.platform.startswith("linux") or os.environ.get("DICTIONARY_LEARNING_KEEP_FREED_MEMORY") == "0"
-            or "GLIBC_TUNABLES" in os.environ or "LD_PRELOAD" in os.environ
-            or any(name.startswith("MALLOC_") for name in os.environ)):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    _freed_memory_kept = mallopt(m_mmap_max, 0) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
-    return _freed_memory_kept
+from ..dictionary import Dictionary
+from ..kernels import SparseCodes
 
 
 @dataclass
@@ -60,19 +27,35 @@ class TrainerConfig:
     """Fields every recipe has. `steps` (total) is filled in by trainSAE when it knows it."""
 
     activation_dim: int
+    """D, the width of the activations."""
     dict_size: int
-    lr: float | None = None  # None: the recipe's default
-    warmup_steps: int = 1000  # linear LR warmup from 0
-    decay_start: int | None = None  # linear LR decay to 0 from this step to `steps`
+    """F, the number of latents."""
+    lr: float | None = None
+    """Adam's learning rate; None: the recipe's default."""
+    warmup_steps: int = 1000
+    """linear LR warmup from 0 over this many steps."""
+    decay_start: int | None = None
+    """linear LR decay to 0 from this step to `steps` (None: the recipe's default, often none)."""
     steps: int | None = None
-    sparsity_warmup_steps: int | None = None  # linear warmup of the sparsity coefficient
+    """length of the run in batches (filled in by trainSAE)."""
+    sparsity_warmup_steps: int | None = None
+    """linear warmup of the sparsity coefficient from 0 over this many steps."""
     seed: int | None = None
+    """seeds initialisation and every random draw of training; None: a random seed, recorded."""
     device: str = "cpu"
-    # free-form provenance, recorded in config.json (what the activations were)
+    """where the dictionary trains."""
     name: str | None = None
+    """free-form name of the run, recorded in config.json."""
     lm_name: str | None = None
+    """the language model the activations come from (provenance, recorded in config.json)."""
     layer: int | None = None
+    """its layer (provenance)."""
     submodule_name: str | None = None
+    """its submodule (provenance)."""
+
+
+def config_field_names(config_class: type[TrainerConfig]) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_class)]
 
 
 def lr_multiplier(
@@ -140,28 +123,27 @@ class DeadLatentTracker:
 
 
 # --------------------------------------------------------------------------------------------
-# Unit-norm decoder directions
+# Unit-norm decoder directions (the rows of W_dec [F, D])
 # --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def normalize_directions_(weight: torch.Tensor, dim: int = 0) -> None:
-    """Scale `weight` in place so every slice along `dim` has unit L2 norm
-    (dim=0: the columns of a [D, F] decoder weight)."""
-    weight.div_(weight.norm(dim=dim, keepdim=True).clamp_min(1e-12))
+def normalize_rows_(weight: torch.Tensor) -> None:
+    """Scale every row of `weight` [F, D] to unit L2 norm, in place."""
+    weight.div_(weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @torch.no_grad()
-def remove_parallel_gradient_(weight: torch.Tensor, dim: int = 0) -> None:
-    """g_j ← g_j − (g_j · d̂_j) d̂_j for every direction d_j of `weight` (slices along `dim`).
+def remove_parallel_gradient_(weight: torch.Tensor) -> None:
+    """g_i ← g_i − (g_i · d̂_i) d̂_i for every row d_i of `weight` [F, D] and its gradient row g_i.
 
     On the unit sphere this is the tangent component of the gradient: a step along it does not
     (to first order) change the direction's norm.
     """
     if weight.grad is None:
         return
-    unit = weight / weight.norm(dim=dim, keepdim=True).clamp_min(1e-12)
-    parallel = (weight.grad * unit).sum(dim=dim, keepdim=True)
+    unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    parallel = (weight.grad * unit).sum(dim=1, keepdim=True)
     weight.grad.sub_(parallel * unit)
 
 
@@ -172,37 +154,41 @@ def fused_adam_supported(params) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-class ConstrainedAdam(torch.optim.Adam):
-    """Adam whose `constrained_params` (decoder weights [D, F]) keep unit-norm columns.
+def adam(params, lr: float, **kwargs) -> torch.optim.Adam:
+    """torch.optim.Adam, fused when every parameter allows it."""
+    params = list(params)
+    kwargs.setdefault("fused", fused_adam_supported(params))
+    return torch.optim.Adam(params, lr=lr, **kwargs)
 
-    Before each step the gradient component along each column is removed; after the step each
-    column is renormalised to unit norm. `norm_dim` selects the direction axis (0: columns).
+
+class ConstrainedAdam(torch.optim.Adam):
+    """Adam whose `constrained_params` (decoder weights W_dec [F, D]) keep unit-norm rows.
+
+    Before each step the gradient component along each row (decoder direction) is removed; after
+    the step each row is renormalised to unit norm.
     """
 
-    def __init__(self, params, constrained_params, lr: float, betas=(0.9, 0.999), norm_dim: int = 0, **kwargs):
+    def __init__(self, params, constrained_params, lr: float, betas=(0.9, 0.999), **kwargs):
         params = list(params)
         kwargs.setdefault("fused", fused_adam_supported(params))
         super().__init__(params, lr=lr, betas=betas, **kwargs)
         self.constrained_params = list(constrained_params)
-        self.norm_dim = norm_dim
         if not self.constrained_params:
             raise ValueError("ConstrainedAdam: constrained_params is empty; pass the decoder weight(s)")
 
     def step(self, closure=None):
         for p in self.constrained_params:
-            remove_parallel_gradient_(p, self.norm_dim)
+            remove_parallel_gradient_(p)
         loss = super().step(closure)
         for p in self.constrained_params:
-            normalize_directions_(p, self.norm_dim)
+            normalize_rows_(p)
         return loss
 
 
-@torch.no_grad()
-def scale_encoder_init_(encoder_weight: torch.Tensor, init_encoder_scale: float) -> None:
-    """W_enc ← init_encoder_scale · W_enc at initialisation (W_enc starts as W_decᵀ)."""
-    if not init_encoder_scale > 0:
-        raise ValueError(f"init_encoder_scale must be > 0, got {init_encoder_scale}")
-    encoder_weight.mul_(init_encoder_scale)
+def check_positive(name: str, value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
 
 
 @torch.no_grad()
@@ -221,22 +207,23 @@ def reset_adam_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, ind
 
 @torch.no_grad()
 def resample_dead_latents_(
-    ae: nn.Module,
+    ae: Dictionary,
     optimizer: torch.optim.Optimizer,
     dead_tracker: DeadLatentTracker,
     dead_mask: torch.Tensor,
     x: torch.Tensor,
     latent_params: Iterable[nn.Parameter],
-    encoder_scale: float = 0.2,
+    encoder_scale: float,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """Re-initialise the latents in `dead_mask` [F] (bool) from inputs x [..., D], in place.
 
-    For a dictionary with `encoder.weight` [F, D] and `decoder.weight` [D, F]: inputs are sampled
-    without replacement with probability ∝ ‖x − x̂‖²; for each resampled latent i with input x,
-    decoder column i = x/‖x‖, encoder row i = encoder_scale · (mean alive encoder-row norm) · x/‖x‖,
-    and every per-latent parameter in `latent_params` ([F] each: biases, r_mag) is zeroed. The
-    Adam moments of exactly those rows/columns/entries are zeroed and their dead counters reset.
-    At most one latent per input is resampled; returns the indices of the resampled latents.
+    Inputs are sampled without replacement with probability ∝ ‖x − x̂‖² (from `generator`); for each
+    resampled latent i with input x, decoder row i = x/‖x‖, encoder column i = encoder_scale ·
+    (mean alive encoder-column norm) · x/‖x‖, and every per-latent parameter in `latent_params`
+    ([F] each: biases, r_mag) is zeroed. The Adam moments of exactly those columns/rows/entries are
+    zeroed and their dead counters reset. At most one latent per input is resampled; returns the
+    indices of the resampled latents.
     """
     dead = dead_mask.nonzero().squeeze(-1)
     if dead.numel() == 0:
@@ -247,16 +234,15 @@ def resample_dead_latents_(
         squared_error = torch.ones_like(squared_error)
     n = min(dead.numel(), x.shape[0])
     dead = dead[:n]
-    sampled = x[torch.multinomial(squared_error, n, replacement=False)]
+    sampled = x[torch.multinomial(squared_error, n, replacement=False, generator=generator)]
     directions = sampled / sampled.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [n, D]
 
-    encoder_weight, decoder_weight = ae.encoder.weight, ae.decoder.weight
     alive = ~dead_mask
-    alive_norm = encoder_weight[alive].norm(dim=-1).mean() if bool(alive.any()) else torch.tensor(1.0)
-    encoder_weight[dead] = directions * alive_norm * encoder_scale
-    decoder_weight[:, dead] = directions.T
-    reset_adam_state_(optimizer, encoder_weight, dead, dim=0)
-    reset_adam_state_(optimizer, decoder_weight, dead, dim=1)
+    alive_norm = ae.W_enc[:, alive].norm(dim=0).mean() if bool(alive.any()) else torch.tensor(1.0)
+    ae.W_enc[:, dead] = (directions * alive_norm * encoder_scale).T
+    ae.W_dec[dead] = directions
+    reset_adam_state_(optimizer, ae.W_enc, dead, dim=1)
+    reset_adam_state_(optimizer, ae.W_dec, dead, dim=0)
     for param in latent_params:
         param[dead] = 0.0
         reset_adam_state_(optimizer, param, dead, dim=0)
@@ -292,14 +278,23 @@ class SAETrainer:
     def __init__(self, config: TrainerConfig):
         if not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(config).__name__}")
+        self.seed_was_drawn = config.seed is None
+        if self.seed_was_drawn:
+            config = dataclasses.replace(config, seed=secrets.randbits(62))
         self.cfg = config
-        if config.seed is not None:
-            torch.manual_seed(config.seed)
         self.device = torch.device(config.device)
-        if self.device.type == "cpu":
-            keep_freed_cpu_memory()
+        generator_device = self.device if self.device.type == "cuda" else "cpu"  # e.g. meta has no generator
+        self.generator = torch.Generator(device=generator_device).manual_seed(config.seed)
         self.lr = config.lr if config.lr is not None else self.default_learning_rate()
         self.dead_tracker = DeadLatentTracker(config.dict_size, self.device)
+
+    def build_dictionary(self, *args, **kwargs) -> Dictionary:
+        """A new `dictionary_class(activation_dim, dict_size, *args, **kwargs)` on the trainer's
+        device, initialised from the trainer's seed (drawn on the CPU: the same on every device)."""
+        generator = self.generator if self.generator.device.type == "cpu" else torch.Generator().manual_seed(self.cfg.seed)
+        dictionary = self.dictionary_class(self.cfg.activation_dim, self.cfg.dict_size, *args, generator=generator,
+                                           **kwargs)
+        return dictionary.to(self.device)
 
     # -- what a recipe implements ------------------------------------------------------------
     def default_learning_rate(self) -> float:
@@ -369,6 +364,7 @@ class SAETrainer:
             "ae": self.ae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "dead_tracker": self.dead_tracker.state_dict(),
+            "generator": self.generator.get_state(),
             "extra": self.extra_state(),
         }
 
@@ -376,8 +372,6 @@ class SAETrainer:
         self.ae.load_state_dict(state["ae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.dead_tracker.load_state_dict(state["dead_tracker"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"].cpu())
         self.load_extra_state(state["extra"])
-
-
-def config_field_names(config_class: type[TrainerConfig]) -> list[str]:
-    return [f.name for f in dataclasses.fields(config_class)]

@@ -1,8 +1,8 @@
 """Gated SAE with p-annealing (Karvonen et al. 2024, "Measuring Progress in Dictionary Learning
 for Language Model Interpretability with Board Game Models").
 
-The gated recipe of gated.py (Rajamanoharan et al. 2024) with its L1 gate penalty replaced by the
-annealed Lp penalty of p_anneal.py, applied to the gate path g = ReLU(π_gate(x)):
+The gated recipe (gated.py, Rajamanoharan et al. 2024) with its L1 gate penalty replaced by the
+annealed Lp penalty of p-annealing (p_anneal.py), applied to the gate path g = ReLU(π_gate(x)):
 
     L = ‖x − x̂(f(x))‖²₂  +  λ_k · S_p(g)  +  ‖x − x̂_frozen(g)‖²₂,
     S_p(g) = Σ_i g_i^p ("Lp^p", default) or (Σ_i g_i^p)^(1/p) ("Lp")
@@ -19,27 +19,18 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import GatedAutoEncoder
-from .gated import Features, GatedSAETrainer
-from .p_anneal import AnnealedSparsity, PAnnealSchedule, PAnnealTrainerConfig, check_anneal_config
+from .families import AnnealedSparsity, AnnealedSparsityConfig, Features, GatedFamilyConfig, GatedFamilyTrainer
 
 
 @dataclass
-class GatedAnnealTrainerConfig(PAnnealTrainerConfig):
-    """The p-annealing fields (applied to the gate path), plus the gated recipe's Adam betas."""
-
-    adam_betas: tuple[float, float] = (0.0, 0.999)
-    init_encoder_scale: float = 1.0  # the gated recipe's tied init (p-annealing's standard SAE uses 0.1)
+class GatedAnnealTrainerConfig(AnnealedSparsityConfig, GatedFamilyConfig):
+    """The p-annealing fields (applied to the gate path) and the gated family's."""
 
 
-class GatedAnnealTrainer(AnnealedSparsity, GatedSAETrainer):
+class GatedAnnealTrainer(AnnealedSparsity, GatedFamilyTrainer):
     Config = GatedAnnealTrainerConfig
     dictionary_class = GatedAutoEncoder
     default_lr = 3e-4  # saprmarks/dictionary_learning's default for this recipe
-
-    def __init__(self, config: GatedAnnealTrainerConfig):
-        anneal_end = check_anneal_config(config, type(self).__name__)
-        super().__init__(config)
-        self.anneal = PAnnealSchedule.from_config(config, anneal_end)
 
     def sparsity_penalty(self, gate: Features, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.anneal.penalty(gate, step)

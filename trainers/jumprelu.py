@@ -1,9 +1,9 @@
 """JumpReLU SAEs (Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with
 JumpReLU Sparse Autoencoders").
 
-Each latent i has its own threshold θ_i = exp(log θ_i) > 0 below which it is zeroed:
+Each latent i has its own threshold θ_i ≥ 0 below which it is zeroed:
 
-    π = W_enc x + b_enc,   f = JumpReLU_θ(π) = π ⊙ H(π − θ),   x̂ = W_dec f + b_dec
+    π = x W_enc + b_enc,   f = JumpReLU_θ(π) = π ⊙ H(π − θ),   x̂ = f W_dec + b_dec
 
 and the loss penalises the number of active latents directly (no L1 proxy, so no shrinkage):
 
@@ -21,8 +21,10 @@ trainSAE's normalize_activations=True):
     ∂/∂θ JumpReLU_θ(z) := −(θ/ε) K((z − θ)/ε),     ∂/∂z JumpReLU_θ(z) = H(z − θ)
     ∂/∂θ H(z − θ)      := −(1/ε) K((z − θ)/ε),     ∂/∂z H(z − θ) = 0
 
-(the L0 term pushes on the thresholds only, not on the encoder). The optimiser updates log θ,
-whose gradient is θ · ∂L/∂θ.
+(the L0 term pushes on the thresholds only, not on the encoder). The optimiser updates θ itself,
+as saprmarks/dictionary_learning does (the paper's pseudo-code trains log θ; with Adam, steps in
+θ are then of the LR's size rather than relative ones, and the saved θ is exactly the trained
+one); θ is kept ≥ 0 after each step.
 
 Initialisation: decoder rows unit-norm random directions, W_enc = W_decᵀ, b_enc = b_dec = 0,
 θ = 0.001. Decoder rows stay at unit norm (gradient projection + renormalisation). Adam with
@@ -30,9 +32,9 @@ Initialisation: decoder rows unit-norm random directions, W_enc = W_decᵀ, b_en
 
 Implementation: π is one dense matmul without autograd; only entries with π > θ − ε can have a
 nonzero value or gradient (active, or inside the kernel's window), so they are gathered once
-(`gather_preactivations`, sparse encoder backward) and decoded sparsely (`sparse_decode`). While
-they are a large share of the N·F entries (early in training, when θ is small), dense matmuls
-are cheaper and are used instead (`attach_encoder_gradient`).
+(kernels.gather_preactivations, sparse encoder backward) and decoded sparsely
+(kernels.sparse_decode). While they are a large share of the N·F entries (early in training, when
+θ is small), dense matmuls are cheaper and are used instead (kernels.attach_encoder_gradient).
 """
 from __future__ import annotations
 
@@ -41,9 +43,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dictionary import JumpReluAutoEncoder, SparseCodes, sparse_decode
+from .. import kernels
+from ..dictionary import JumpReluAutoEncoder
+from ..kernels import SparseCodes
 from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, sparsity_multiplier
-from .top_k import attach_encoder_gradient, gather_preactivations, prefers_dense
 
 ADAM_BETAS = (0.0, 0.999)
 ADAM_EPS = 1e-8
@@ -92,11 +95,16 @@ class StepFunction(torch.autograd.Function):
 
 @dataclass
 class JumpReluTrainerConfig(TrainerConfig):
-    sparsity_penalty: float = 1.0  # λ
-    target_l0: float | None = None  # None: λ · L0 (the paper); T: λ · (L0/T − 1)²
-    bandwidth: float = 0.001  # ε of the straight-through estimators
-    initial_threshold: float = 0.001  # θ at initialisation
-    sparsity_warmup_steps: int | None = 10_000  # λ warms up linearly from 0 over these steps
+    sparsity_penalty: float = 1.0
+    """λ, the weight of the L0 penalty."""
+    target_l0: float | None = None
+    """None: the penalty is λ · L0 (the paper's); T: λ · (L0/T − 1)²."""
+    bandwidth: float = 0.001
+    """ε, the width of the straight-through estimators' kernel."""
+    initial_threshold: float = 0.001
+    """θ at initialisation."""
+    sparsity_warmup_steps: int | None = 10_000
+    """λ warms up linearly from 0 over these steps."""
 
 
 class JumpReluTrainer(SAETrainer):
@@ -121,36 +129,33 @@ class JumpReluTrainer(SAETrainer):
                 "reaches its full value; lower sparsity_warmup_steps",
                 stacklevel=2,
             )
-        self.ae = JumpReluAutoEncoder(
-            config.activation_dim, config.dict_size, initial_threshold=config.initial_threshold
-        ).to(self.device)
-        self.optimizer = ConstrainedAdam(
-            self.ae.parameters(), [self.ae.W_dec], lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS, norm_dim=1
-        )
+        self.ae = self.build_dictionary(initial_threshold=config.initial_threshold)
+        self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.W_dec], lr=self.lr, betas=ADAM_BETAS,
+                                         eps=ADAM_EPS)
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         ae, bandwidth = self.ae, self.cfg.bandwidth
         x = x.reshape(-1, self.cfg.activation_dim)
         n_tokens = x.shape[0]
-        threshold = ae.threshold  # [F], differentiable in log θ
+        threshold = ae.threshold  # [F]
         with torch.no_grad():
             pre = torch.addmm(ae.b_enc, x, ae.W_enc)  # π [N, F]
             in_window = pre > threshold - bandwidth  # active, or with a nonzero θ-gradient
             n_entries = int(in_window.sum())
-        if prefers_dense(n_entries, n_tokens, self.cfg.dict_size):  # e.g. early in training
-            z = attach_encoder_gradient(pre, x, ae.W_enc.T, ae.b_enc, None)  # [N, F]
+        if kernels.prefers_dense(n_entries, n_tokens, self.cfg.dict_size):  # e.g. early in training
+            z = kernels.attach_encoder_gradient(pre, x, ae.W_enc, ae.b_enc, None)  # [N, F]
             f = JumpReLUFunction.apply(z, threshold, bandwidth)
             x_hat = f @ ae.W_dec + ae.b_dec
             l0 = StepFunction.apply(z, threshold, bandwidth).sum() / n_tokens
             features = f.detach()
         else:
             rows, columns = in_window.nonzero(as_tuple=True)
-            z = gather_preactivations(pre, x, ae.W_enc.T, ae.b_enc, None, rows, columns)  # [M]
+            z = kernels.gather_preactivations(pre, x, ae.W_enc, ae.b_enc, None, rows, columns)  # [M]
             entry_threshold = threshold.index_select(0, columns)  # [M]
             codes = SparseCodes(JumpReLUFunction.apply(z, entry_threshold, bandwidth), rows, columns, n_tokens)
-            x_hat = sparse_decode(codes, ae.W_dec) + ae.b_dec
+            x_hat = kernels.sparse_decode(codes, ae.W_dec) + ae.b_dec
             l0 = StepFunction.apply(z, entry_threshold, bandwidth).sum() / n_tokens
-            features = codes._replace(values=codes.values.detach())
+            features = codes.detached()
         recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
         if self.cfg.target_l0 is None:
             sparsity = l0
@@ -166,11 +171,6 @@ class JumpReluTrainer(SAETrainer):
         }
         return LossOutput(loss, features, metrics)
 
-    def extra_state(self) -> dict:
-        # The dictionary's state dict stores θ = exp(log θ); log(exp(·)) need not round-trip
-        # bit for bit, so the trained parameter itself is kept for an exact resume.
-        return {"log_threshold": self.ae.log_threshold.detach().clone()}
-
-    def load_extra_state(self, state: dict) -> None:
+    def after_optimizer_step(self, step: int, x: torch.Tensor) -> None:
         with torch.no_grad():
-            self.ae.log_threshold.copy_(state["log_threshold"])
+            self.ae.threshold.clamp_(min=0.0)

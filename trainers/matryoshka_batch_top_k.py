@@ -4,15 +4,15 @@ Features with Matryoshka Sparse Autoencoders").
 The F latents are split into G consecutive groups of sizes s_1, ..., s_G (Σ s_g = F); the
 prefixes m_g = s_1 + ... + s_g are nested dictionaries, and each must reconstruct x on its own:
 
-    f = BatchTopK_{k·N}(ReLU(W_enc (x − b_dec) + b_enc))                  (as BatchTopK)
-    x̂_m = b_dec + W_dec[:, :m] f[:m]
+    f = BatchTopK_{k·N}(ReLU((x − b_dec) W_enc + b_enc))                  (as BatchTopK)
+    x̂_m = b_dec + f[:m] W_dec[:m]
     L = Σ_{g=1..G} w_g · (1/N) Σ_n ‖x_n − x̂_{m_g, n}‖²  +  α L_aux
 
 with w_g = 1 (the paper's plain sum) unless `group_weights` are given (saprmarks/
 dictionary_learning uses w_g = 1/G). The early latents thus carry general features that
 reconstruct x alone, and later groups refine them. L_aux is AuxK on the error of the full
 reconstruction x − x̂_F. Sparsity, the inference threshold θ, initialisation, unit-norm decoder
-and optimiser are BatchTopK's (batch_top_k.py, top_k.py).
+and optimiser are BatchTopK's (batch_top_k.py; families.TopKFamilyTrainer).
 
 Groups are given as `group_sizes` (latent counts) or `group_fractions` (of dict_size, summing to
 1; the last group takes the rounding remainder), e.g. group_fractions=[1/32, 1/16, 1/8, 1/4,
@@ -26,15 +26,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dictionary import MatryoshkaBatchTopKSAE, SparseCodes, sparse_decode
-from .batch_top_k import BatchTopKTrainer, BatchTopKTrainerConfig
+from .. import kernels
+from ..dictionary import MatryoshkaBatchTopKSAE
+from ..kernels import SparseCodes
+from .families import TopKFamilyConfig, TopKFamilyTrainer, smallest_kept
 
 
 @dataclass
-class MatryoshkaBatchTopKTrainerConfig(BatchTopKTrainerConfig):
-    group_sizes: list[int] | None = None  # latents per nested group, summing to dict_size
-    group_fractions: list[float] | None = None  # or fractions of dict_size, summing to 1
-    group_weights: list[float] | None = None  # w_g per prefix loss; None: all 1 (the paper's sum)
+class MatryoshkaBatchTopKTrainerConfig(TopKFamilyConfig):
+    group_sizes: list[int] | None = None
+    """latents per nested group, in order, summing to dict_size."""
+    group_fractions: list[float] | None = None
+    """or the groups as fractions of dict_size, summing to 1 (the last takes the remainder)."""
+    group_weights: list[float] | None = None
+    """w_g per prefix loss; None: all 1 (the paper's sum)."""
 
 
 def group_sizes_from_fractions(fractions: list[float], dict_size: int) -> list[int]:
@@ -43,14 +48,15 @@ def group_sizes_from_fractions(fractions: list[float], dict_size: int) -> list[i
     return [*sizes, dict_size - sum(sizes)]
 
 
-class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
+class MatryoshkaBatchTopKTrainer(TopKFamilyTrainer):
     """Trains a MatryoshkaBatchTopKSAE (see the module docstring for the method)."""
 
     Config = MatryoshkaBatchTopKTrainerConfig
     dictionary_class = MatryoshkaBatchTopKSAE
+    threshold_statistic = staticmethod(smallest_kept)
 
-    def _check_config(self) -> None:
-        super()._check_config()
+    def check_config(self) -> None:
+        super().check_config()
         self.group_sizes = self._resolve_group_sizes(self.cfg)
         weights = self.cfg.group_weights
         weights = [1.0] * len(self.group_sizes) if weights is None else [float(w) for w in weights]
@@ -81,11 +87,8 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
             )
         return sizes
 
-    def build_dictionary(self):
-        return MatryoshkaBatchTopKSAE(self.cfg.activation_dim, self.cfg.dict_size, self.cfg.k, self.group_sizes)
-
-    def constrained_decoder(self) -> tuple[torch.Tensor, int]:
-        return self.ae.W_dec, 1  # [F, D]: rows
+    def dictionary_arguments(self) -> tuple:
+        return (self.cfg.k, self.group_sizes)
 
     def reconstruction_loss(self, x: torch.Tensor, codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Σ_g w_g (1/N) Σ_n ‖x_n − x̂_{m_g, n}‖², adding one group's features at a time."""
@@ -102,7 +105,7 @@ class MatryoshkaBatchTopKTrainer(BatchTopKTrainer):
             group_codes = SparseCodes(
                 codes.values[entries], codes.rows[entries], codes.columns[entries] - start, codes.n_rows
             )
-            x_hat = x_hat + sparse_decode(group_codes, self.ae.W_dec[start:end])
+            x_hat = x_hat + kernels.sparse_decode(group_codes, self.ae.W_dec[start:end])
             prefix_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
             loss = loss + weight * prefix_loss
             prefix_losses.append(prefix_loss.detach())

@@ -1,16 +1,16 @@
 """The standard SAE as trained in Anthropic's April 2024 circuits update ("Update on how we train
 SAEs", Conerly et al., transformer-circuits.pub/2024/april-update).
 
-Same dictionary as the standard recipe (AutoEncoder: f = ReLU(W_enc (x − b_dec) + b_enc),
-x̂ = W_dec f + b_dec), but the decoder norms are free and enter the sparsity penalty instead:
+Same dictionary as the standard recipe (AutoEncoder: f = ReLU((x − b_dec) W_enc + b_enc),
+x̂ = f W_dec + b_dec), but the decoder norms are free and enter the sparsity penalty instead:
 
-    L = (1/B) Σ_b ‖x_b − x̂_b‖²₂  +  λ_t · (1/B) Σ_b Σ_i f_bi ‖W_dec[:, i]‖₂
+    L = (1/B) Σ_b ‖x_b − x̂_b‖²₂  +  λ_t · (1/B) Σ_b Σ_i f_bi ‖W_dec[i]‖₂
 
 Scaling a decoder column up and its encoder row down no longer lowers the penalty, so no
 unit-norm constraint (and no ConstrainedAdam) is needed; the penalty is the L1 norm of the
-features' contributions f_i W_dec[:, i]. The rest of the update's recipe:
+features' contributions f_i W_dec[i]. The rest of the update's recipe:
 
-- init: W_dec columns in random directions with L2 norm `init_decoder_norm` (the update uses a
+- init: decoder directions random with L2 norm `init_decoder_norm` (the update uses a
   fixed norm between 0.05 and 1; 0.1 as in SAELens' replication), W_enc = W_decᵀ, b_enc = b_dec = 0;
 - plain Adam, β = (0.9, 0.999), no weight decay; the gradient's global norm is clipped to 1;
 - λ_t grows linearly from 0 to λ over the first 5% of training (`sparsity_warmup_steps`, default
@@ -19,7 +19,7 @@ features' contributions f_i W_dec[:, i]. The rest of the update's recipe:
 
 The update also scales inputs so that E‖x‖₂ = √D (trainSAE's `normalize_activations` scales to
 E‖x‖² = 1 instead; λ and the LR depend on that choice). No resampling: the norm-weighted penalty
-leaves few dead latents. The decoder columns of the trained dictionary are not unit norm.
+leaves few dead latents. The decoder directions of the trained dictionary are not unit norm.
 """
 from __future__ import annotations
 
@@ -29,16 +29,21 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import AutoEncoder
-from .base import LossOutput, SAETrainer, TrainerConfig, fused_adam_supported, sparsity_multiplier
+from .base import LossOutput, SAETrainer, TrainerConfig, adam, sparsity_multiplier
 
 
 @dataclass
 class StandardTrainerAprilUpdateConfig(TrainerConfig):
-    l1_penalty: float = 1e-1  # λ
-    init_decoder_norm: float = 0.1  # L2 norm of each decoder column at init
-    sparsity_warmup_fraction: float = 0.05  # used when sparsity_warmup_steps is None
-    decay_fraction: float = 0.2  # LR decays over this last fraction of steps when decay_start is None
-    max_grad_norm: float = 1.0  # clip the gradient's global L2 norm to this
+    sparsity_penalty: float = 1e-1
+    """λ, the weight of the decoder-norm-weighted L1 penalty."""
+    init_decoder_norm: float = 0.1
+    """L2 norm of each decoder direction at initialisation."""
+    sparsity_warmup_fraction: float = 0.05
+    """λ warms up over this first fraction of the steps when sparsity_warmup_steps is None."""
+    decay_fraction: float = 0.2
+    """the LR decays over this last fraction of the steps when decay_start is None."""
+    max_grad_norm: float = 1.0
+    """clip the gradient's global L2 norm to this."""
 
 
 class StandardTrainerAprilUpdate(SAETrainer):
@@ -64,25 +69,21 @@ class StandardTrainerAprilUpdate(SAETrainer):
                 resolved["sparsity_warmup_steps"] = round(config.sparsity_warmup_fraction * steps)
             if config.decay_start is None and config.decay_fraction > 0:
                 resolved["decay_start"] = steps - round(config.decay_fraction * steps)
-            self.cfg = dataclasses.replace(config, **resolved)
+            self.cfg = dataclasses.replace(self.cfg, **resolved)
 
-        self.ae = AutoEncoder(config.activation_dim, config.dict_size).to(self.device)
-        with torch.no_grad():
-            directions = torch.randn(config.activation_dim, config.dict_size, device=self.device)
-            directions /= directions.norm(dim=0, keepdim=True).clamp_min(1e-12)
-            self.ae.decoder.weight.copy_(directions * config.init_decoder_norm)
-            self.ae.encoder.weight.copy_(self.ae.decoder.weight.T)
-            self.ae.encoder.bias.zero_()
-            self.ae.bias.zero_()
-        params = list(self.ae.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.999), fused=fused_adam_supported(params))
+        self.ae = self.build_dictionary()
+        with torch.no_grad():  # decoder directions of norm init_decoder_norm, W_enc = W_decᵀ
+            self.ae.W_dec.mul_(config.init_decoder_norm)
+            self.ae.W_enc.copy_(self.ae.W_dec.T)
+        self.optimizer = adam(self.ae.parameters(), lr=self.lr, betas=(0.9, 0.999))
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         x_hat, f = self.ae(x, output_features=True)
         recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
-        decoder_norms = self.ae.decoder.weight.norm(dim=0)  # [F], gradient flows into W_dec
-        sparsity = (f @ decoder_norms).mean()  # Σ_i f_i ‖W_dec[:, i]‖, batch mean
-        loss = recon_loss + self.cfg.l1_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * sparsity
+        decoder_norms = self.ae.W_dec.norm(dim=1)  # [F], gradient flows into W_dec
+        sparsity = (f @ decoder_norms).mean()  # Σ_i f_i ‖W_dec[i]‖, batch mean
+        penalty = self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps)
+        loss = recon_loss + penalty * sparsity
         metrics = {"mse_loss": recon_loss.detach(), "sparsity_loss": sparsity.detach(), "loss": loss.detach()}
         return LossOutput(loss, f, metrics)
 

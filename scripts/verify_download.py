@@ -1,6 +1,6 @@
 """Check dictionaries fetched by pretrained_dictionary_downloader.sh and print what is on disk.
 
-    python _verify_download.py --root dictionaries/pythia-70m-deduped --set 10_32768 \
+    python scripts/verify_download.py --root dictionaries/pythia-70m-deduped --set 10_32768 \
         --expect-shape 512,32768 embed mlp_out_layer1 ...
 
 An AutoEncoder with activation dim D and F latents has the state_dict
@@ -10,23 +10,18 @@ consistent D, F) and load with `AutoEncoder.from_pretrained`; checkpoints/ae_STE
 and shape check (memory-mapped, so 10 GB of checkpoints are not read); config.json must parse.
 Prints one row per file (site, file, shape, size) and exits 1 if any check fails.
 
-The library is imported from the folder this file sits in (a clone under any name, or the
-installed package), falling back to an installed `dictionary_learning`.
+The library is imported from the checkout this file sits in (a clone under any name, or the
+installed package; _checkout.py).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() == HERE:
-    sys.path.pop(0)  # keep the repo's own modules (utils, buffer, ...) from shadowing top-level ones
-
-import torch  # noqa: E402
+import torch
 
 
 def expected_shapes(activation_dim: int, dict_size: int) -> dict[str, tuple[int, ...]]:
@@ -76,20 +71,13 @@ def load_tensors(path: Path) -> dict:
 def import_autoencoder():
     """(AutoEncoder class or None, reason it is None)."""
     try:
-        if "dictionary_learning" not in sys.modules and (HERE / "__init__.py").exists():
-            spec = importlib.util.spec_from_file_location(
-                "dictionary_learning", HERE / "__init__.py", submodule_search_locations=[str(HERE)]
-            )
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["dictionary_learning"] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules["dictionary_learning"]
-                raise
-        import dictionary_learning
+        if "dictionary_learning" not in sys.modules:  # run as a script: this folder is on sys.path
+            from _checkout import import_checkout
 
-        return dictionary_learning.AutoEncoder, ""
+            import_checkout()
+        from dictionary_learning import AutoEncoder
+
+        return AutoEncoder, ""
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
 

@@ -1,7 +1,7 @@
 """Train the bundled tiny Pythia (GPT-NeoX) on the Python standard library's own sources.
 
-    python -m dictionary_learning.train_bundled_model --out assets/tiny-pythia
-    python train_bundled_model.py --steps 20 --out /tmp/tiny-smoke      # smoke run
+    python scripts/train_bundled_model.py --out assets/tiny-pythia
+    python scripts/train_bundled_model.py --steps 20 --out /tmp/tiny-smoke      # smoke run
 
 1. Corpus: the stdlib `*.py` files of `bundled.stdlib_source_files("train")` (held-out split: every
    20th file in sorted order), each followed by the end-of-text token.
@@ -17,11 +17,12 @@
 6. Output: a standard HF folder (config, model.safetensors, tokenizer, training_info.json),
    written into a temp folder next to `--out` and renamed into place.
 
-Defaults take about 15 minutes on 2 idle CPU cores (24 minutes measured with the cores shared).
+Defaults take about 15 minutes on 2 idle CPU cores.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -40,13 +41,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-if __package__:
-    from .bundled import (BUNDLED_MODEL_DIR, EXCLUDED_FOLDERS, HELDOUT_EVERY, read_source,
-                          stdlib_root, stdlib_source_files)
-else:  # run as a plain script from the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bundled import (BUNDLED_MODEL_DIR, EXCLUDED_FOLDERS, HELDOUT_EVERY, read_source,
-                         stdlib_root, stdlib_source_files)
+if "dictionary_learning" not in sys.modules:  # run as a script: this folder is on sys.path
+    from _checkout import import_checkout
+
+    import_checkout()
+from dictionary_learning.bundled import (BUNDLED_MODEL_DIR, EXCLUDED_FOLDERS, HELDOUT_EVERY,  # noqa: E402
+                                         read_source, stdlib_root, stdlib_source_files)
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -113,8 +113,14 @@ def train_tokenizer(texts: list[str], cfg: TinyPythiaConfig):
 
 
 def tokenize_split(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All texts as one stream of token ids, each text followed by EOS. Shape [n_tokens]."""
-    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    """All texts as one stream of token ids, each text followed by EOS. Shape [n_tokens].
+
+    Encoded by a copy of the fast tokenizer's backend without truncation or padding: a call such as
+    `tokenizer(texts, truncation=True)` leaves truncation switched on in the backend itself."""
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.no_truncation()
+    backend.no_padding()
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
     eos = tokenizer.eos_token_id
     return torch.tensor([t for enc in encodings for t in (*enc.ids, eos)], dtype=torch.long)
 
