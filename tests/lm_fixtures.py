@@ -4,7 +4,7 @@ Nothing touches the network. The tokenizer mimics Pythia's: one special token
 `<|endoftext|>` that is BOS, EOS and pad at once, and no BOS added by default. Everything is
 cached per process, so every test file shares one tokenizer (training it takes ~0.1 s).
 
-Import from a test file with `from .lm_fixtures import ...` (tests/ is a package).
+Import from a test file with `from lm_fixtures import ...` (tests/conftest.py registers the module).
 """
 from __future__ import annotations
 

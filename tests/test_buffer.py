@@ -8,7 +8,7 @@ import torch
 from dictionary_learning import ActivationBuffer
 from dictionary_learning.buffer import token_mask
 
-from .lm_fixtures import (
+from lm_fixtures import (
     ENDOFTEXT,
     documents,
     match_rows,

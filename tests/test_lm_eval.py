@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dictionary_learning import ActivationBuffer, AutoEncoder, IdentityDict
 from dictionary_learning.evaluation import evaluate, loss_recovered
 
-from .lm_fixtures import ENDOFTEXT, documents, tiny_gpt_neox, wrap
+from lm_fixtures import ENDOFTEXT, documents, tiny_gpt_neox, wrap
 
 pytestmark = pytest.mark.filterwarnings("ignore:frac_alive was measured over only")
 
