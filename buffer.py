@@ -1,44 +1,53 @@
-"""ActivationBuffer: a shuffled stream of a language model's activations at one submodule.
+"""ActivationBuffer: a shuffled stream of a language model's activations at one or many sites.
 
 Text goes in (any iterator of strings), batches of per-token activations come out:
 
     buffer = ActivationBuffer(data, model, model.gpt_neox.layers[1].mlp, n_ctxs=3e4)
     for acts in buffer:  # [out_batch_size, d_submodule]
         ...
+    buffer = ActivationBuffer(data, model, submodules="gpt_neox.layers.*.mlp")
+    for batch in buffer:  # {"gpt_neox.layers.0.mlp": [out_batch_size, d], ...}, the same tokens at every site
+        ...
 
-The buffer holds `capacity = n_ctxs * ctx_len` activations in one pre-allocated tensor. At each
-(re)fill it draws one random order over the rows it holds and serves batches by walking that
-order, so a batch is a uniform sample of the unread rows and no row is served twice. When half
-the rows have been read, their slots are overwritten with fresh activations and a new order is
-drawn over old-unread and new rows together, so consecutive texts end up spread over many batches.
+The buffer holds `capacity = n_ctxs * ctx_len` rows in one pre-allocated block, each row the
+activations of one token at every site side by side. At each (re)fill it draws one random order
+over the rows it holds and serves batches by walking that order, so a batch is a uniform sample of
+the unread rows and no row is served twice. When half the rows have been read, their slots are
+overwritten with fresh activations and a new order is drawn over old-unread and new rows together,
+so consecutive texts end up spread over many batches.
 
-Collection is one nnsight trace per `refresh_batch_size` texts: tokenize the batch (one call),
-read the submodule's input/output and `tracer.stop()` so no later layer runs, then keep real
-tokens only (attention mask; with `remove_bos`, also drop each row's leading BOS).
+Collection is one forward pass per `refresh_batch_size` texts (sites.py): tokenize the batch (one
+call), read every site and stop after the last one, so no later layer runs; then keep real tokens
+only (attention mask; with `remove_bos`, also drop each row's leading BOS).
 """
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
+
+from .sites import Site, layer_of, site_reader
 
 __all__ = ["ActivationBuffer", "token_mask", "check_language_model", "resolve_submodule", "submodule_path"]
 
 
 class ActivationBuffer:
-    """Shuffled batches of a submodule's per-token activations, computed on the fly from text.
+    """Shuffled batches of per-token activations at one or several sites, computed on the fly from text.
 
     Args:
         data: iterator (or iterable) of strings. Iteration ends once it runs out and every
             buffered activation has been served (the last batch may be smaller).
-        model: an nnsight `TransformersModel` / `LanguageModel` with a tokenizer.
-        submodule: the module to read: an envoy of `model` (`model.gpt_neox.layers[1].mlp`),
+        model: an nnsight `TransformersModel` / `LanguageModel` with a tokenizer, or a plain torch
+            model such as a `transformers` model (then pass `tokenizer=`): read with forward hooks.
+        submodule: the one module to read: an envoy of `model` (`model.gpt_neox.layers[1].mlp`),
             the matching `torch.nn.Module`, or its dotted path (`"gpt_neox.layers.1.mlp"`).
+            Batches are then tensors [out_batch_size, d_submodule].
         d_submodule: activation width; probed with a one-token forward pass when None, and
-            checked against the model when given.
+            checked against the model when given (with `submodules`: a dict site -> width).
         io: "out" reads the submodule's output (the first element of a tuple output, e.g. a
-            residual-stream layer in older transformers); "in" reads its first input.
+            residual-stream layer in older transformers); "in" reads its first input; "in_to_out"
+            reads both, and a batch is the pair (inputs, outputs) a transcoder learns.
         n_ctxs: number of contexts the buffer holds (int or float such as 3e4).
         ctx_len: tokens per context; longer texts are truncated.
         refresh_batch_size: texts per forward pass when filling.
@@ -48,14 +57,19 @@ class ActivationBuffer:
         remove_bos: drop each context's first real token when it is the tokenizer's BOS token.
         seed: seed of the buffer's shuffling generator; default drawn from torch's global RNG,
             so `torch.manual_seed` makes runs reproducible.
+        submodules: instead of `submodule`, several sites read in the same forward pass: a list of
+            modules, paths and glob patterns (`"gpt_neox.layers.*.mlp"`), or a dict {name: module}.
+            Batches are then dicts {site name: tensor} (or (inputs, outputs) pairs with io="in_to_out")
+            whose rows come from the same tokens at every site.
+        tokenizer: the tokenizer of a plain torch model (an nnsight model brings its own).
     """
 
     def __init__(
         self,
         data: Iterable[str],
         model: Any,
-        submodule: Any,
-        d_submodule: int | None = None,
+        submodule: Any = None,
+        d_submodule: int | Mapping[str, int] | None = None,
         io: str = "out",
         n_ctxs: int | float = 3e4,
         ctx_len: int = 128,
@@ -65,12 +79,23 @@ class ActivationBuffer:
         dtype: torch.dtype | None = None,
         remove_bos: bool = False,
         seed: int | None = None,
+        *,
+        submodules: Any = None,
+        tokenizer: Any = None,
     ):
-        _check_arguments(data, io, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype)
-        self.model = check_language_model(model)
-        self.tokenizer = model.tokenizer
+        _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype)
+        if (submodule is None) == (submodules is None):
+            raise ValueError("pass exactly one of submodule= (one site; batches are tensors) and submodules= "
+                             "(several sites read in one pass; batches are dicts)")
+        self.reader = site_reader(model, submodule if submodules is None else submodules, io, tokenizer)
+        self.model = self.reader.model
+        self.tokenizer = self.reader.tokenizer
+        self.sites: dict[str, Site] = {site.name: site for site in self.reader.sites}
+        self.single_site = submodules is None
+        self.submodule = self.model.get(self.reader.sites[0].path) if (
+            self.single_site and self.reader.backend == "nnsight" and self.reader.sites[0].path
+        ) else (self.reader.torch_module.get_submodule(self.reader.sites[0].path) if self.single_site else None)
         self._check_tokenizer_and_context(remove_bos, ctx_len)
-        self.submodule = resolve_submodule(model, submodule)
         self.data: Iterator[str] = iter(data)
         self.io = io
         self.n_ctxs = int(n_ctxs)
@@ -85,16 +110,14 @@ class ActivationBuffer:
                 f"(n_ctxs * ctx_len = {self.n_ctxs} * {ctx_len} = {self.capacity} rows); "
                 "raise n_ctxs or lower out_batch_size."
             )
-        probe = self._probe()
-        if d_submodule is not None and d_submodule != probe.shape[-1]:
-            raise ValueError(
-                f"d_submodule={d_submodule} does not match the model: {self._where} has width "
-                f"{probe.shape[-1]}. Pass d_submodule={probe.shape[-1]} or leave it None."
-            )
-        self.d_submodule = int(probe.shape[-1])
-        self.device = torch.device(device) if device is not None else probe.device
-        self.dtype = dtype if dtype is not None else _parameter_dtype(model, probe.dtype)
-        self._storage = self._allocate_storage()
+        self.d_sites = self._site_widths(d_submodule)
+        self.d_submodule = next(iter(self.d_sites.values())) if self.single_site else None
+        self.device = torch.device(device) if device is not None else self.reader.device
+        self.dtype = dtype if dtype is not None else _parameter_dtype(self.reader.torch_module, self.reader.dtype)
+        # One block holds every read of every row: read i is the column range _columns[i].
+        bounds = [0, *itertools.accumulate(self.reader.widths)]
+        self._columns = list(zip(bounds[:-1], bounds[1:]))
+        self._storage = self._allocate_storage(bounds[-1])
         # Row bookkeeping (indices into _storage): _order lists the filled rows in serving order,
         # _next counts how many of them were served, _free lists slots that hold nothing.
         self._order = torch.empty(0, dtype=torch.long, device=self.device)
@@ -107,35 +130,49 @@ class ActivationBuffer:
         self.seed = seed
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
 
+    def _site_widths(self, d_submodule) -> dict[str, int | tuple[int, int]]:
+        """Each site's width as probed (a pair (d_in, d_out) for io="in_to_out"), checked against
+        `d_submodule` when given."""
+        widths = iter(self.reader.widths)
+        probed = {name: tuple(next(widths) for _ in site.reads) for name, site in self.sites.items()}
+        probed = {name: w if len(w) == 2 else w[0] for name, w in probed.items()}
+        if d_submodule is not None:
+            given = {self.reader.sites[0].name: d_submodule} if self.single_site else dict(d_submodule)
+            for name, width in given.items():
+                if name not in probed:
+                    raise ValueError(f"d_submodule names site {name!r}, which is not read; sites: {list(probed)}")
+                if (tuple(width) if isinstance(width, (list, tuple)) else width) != probed[name]:
+                    raise ValueError(
+                        f"d_submodule={width} does not match the model: {self._where(name)} has width "
+                        f"{probed[name]}. Pass d_submodule={probed[name]} or leave it None."
+                    )
+        return probed
+
+    def _where(self, name: str) -> str:
+        site = self.sites[name]
+        return f"{site.path} ({site.io}put)" if site.io != "in_to_out" else f"{site.path} (input and output)"
+
     def _check_tokenizer_and_context(self, remove_bos: bool, ctx_len: int) -> None:
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the model's tokenizer has no pad token (and no EOS to pad with); "
-                             "set model.tokenizer.pad_token before building the buffer.")
+                             "set tokenizer.pad_token before building the buffer.")
         if remove_bos and self.tokenizer.bos_token_id is None:
             raise ValueError("remove_bos=True but the tokenizer has no bos_token; pass remove_bos=False.")
-        max_positions = getattr(getattr(self.model._module, "config", None), "max_position_embeddings", None)
+        config = getattr(self.reader.torch_module, "config", None)
+        max_positions = getattr(config, "max_position_embeddings", None)
         if isinstance(max_positions, int) and ctx_len > max_positions:
             raise ValueError(f"ctx_len={ctx_len} is longer than the model's {max_positions} positions; "
                              f"pass ctx_len <= {max_positions}.")
 
-    def _probe(self) -> torch.Tensor:
-        """One token through the model: dispatches a lazily loaded model, checks that the submodule
-        runs and yields per-token activations, and gives their width, device and dtype."""
-        probe_id = next(i for i in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id,
-                                    self.tokenizer.pad_token_id, 0) if i is not None)
-        ids = torch.tensor([[probe_id]])
-        (probe,) = self._collect({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [self.submodule])
-        return probe
-
-    def _allocate_storage(self) -> torch.Tensor:
+    def _allocate_storage(self, width: int) -> torch.Tensor:
         try:
-            return torch.empty(self.capacity, self.d_submodule, dtype=self.dtype, device=self.device)
+            return torch.empty(self.capacity, width, dtype=self.dtype, device=self.device)
         except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
-            gib = self.capacity * self.d_submodule * self.dtype.itemsize / 2**30
+            gib = self.capacity * width * self.dtype.itemsize / 2**30
             raise MemoryError(
-                f"the buffer needs {gib:.2f} GiB on {self.device} ({self.capacity} rows x {self.d_submodule} "
-                f"x {self.dtype}) and could not get it; lower n_ctxs, store in dtype=torch.bfloat16, or "
-                "put it on another device."
+                f"the buffer needs {gib:.2f} GiB on {self.device} ({self.capacity} rows x {width} "
+                f"x {self.dtype}) and could not get it; lower n_ctxs, store in dtype=torch.bfloat16, read fewer "
+                "sites, or put it on another device."
             ) from error
 
     # ------------------------------------------------------------------ iteration
@@ -143,15 +180,19 @@ class ActivationBuffer:
     def __iter__(self) -> "ActivationBuffer":
         return self
 
-    def __next__(self) -> torch.Tensor:
-        """A batch of `out_batch_size` unread activations, [out_batch_size, d_submodule]."""
+    def __next__(self) -> Any:
+        """A batch of `out_batch_size` unread rows: a tensor [out_batch_size, d_submodule] for one
+        site, an (inputs, outputs) pair for io="in_to_out", a dict {site: batch} with `submodules`."""
         if self.n_unread < self.capacity // 2 and not (self._data_exhausted and self._overflow is None):
             self.refresh()
         if self.n_unread == 0:
             raise StopIteration
         rows = self._order[self._next : self._next + self.out_batch_size]
         self._next += len(rows)
-        return self._storage.index_select(0, rows)
+        reads = iter(self._storage[:, start:end].index_select(0, rows) for start, end in self._columns)
+        batch = {name: tuple(next(reads) for _ in site.reads) for name, site in self.sites.items()}
+        batch = {name: pair if len(pair) == 2 else pair[0] for name, pair in batch.items()}
+        return next(iter(batch.values())) if self.single_site else batch
 
     @property
     def n_unread(self) -> int:
@@ -218,77 +259,58 @@ class ActivationBuffer:
     # ------------------------------------------------------------------ collection
 
     def _activations(self, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Activations of the real tokens of one tokenized batch, [n_tokens, d_submodule]."""
+        """Every read's activations at the real tokens of one tokenized batch, side by side:
+        [n_tokens, sum of the reads' widths]."""
         keep = token_mask(encoding["input_ids"], encoding["attention_mask"],
                           self.tokenizer.bos_token_id if self.remove_bos else None)  # [B, T]
         if not keep.any():
-            return torch.empty(0, self.d_submodule, dtype=self.dtype, device=self.device)
-        (acts,) = self._collect(encoding, [self.submodule])  # [B, T, D]
-        rows = acts[keep.to(acts.device, non_blocking=True)]  # [n_tokens, D]
-        return rows.to(device=self.device, dtype=self.dtype)
-
-    def _collect(self, encoding: dict[str, torch.Tensor], submodules: Sequence[Any]) -> list[torch.Tensor]:
-        """One forward pass, stopped right after the last of `submodules` (listed in execution
-        order); each one's input or output (per `self.io`), [B, T, D]."""
-        from nnsight.intervention.interleaver import OutOfOrderError
-
-        batch, length = encoding["input_ids"].shape
-        outputs: list[Any] = []
-        try:
-            with torch.inference_mode():
-                with self.model.trace(encoding) as tracer:
-                    for submodule in submodules:
-                        outputs.append(submodule.input if self.io == "in" else submodule.output)
-                    tracer.stop()
-        except OutOfOrderError as error:
-            raise ValueError(
-                f"the model never reached {', '.join(submodule_path(s) for s in submodules)} ({self.io}put) in that "
-                "order: list submodules in the order the forward pass runs them, and only modules the "
-                "forward pass calls."
-            ) from error
-        if len(outputs) != len(submodules):
-            raise RuntimeError(f"nnsight returned {len(outputs)} activations for {len(submodules)} submodules.")
-        acts = [out[0] if isinstance(out, (tuple, list)) else out for out in outputs]
-        for submodule, act in zip(submodules, acts):
-            if not isinstance(act, torch.Tensor) or act.dim() != 3 or tuple(act.shape[:2]) != (batch, length):
-                shape = tuple(act.shape) if isinstance(act, torch.Tensor) else type(act).__name__
-                raise ValueError(
-                    f"{submodule_path(submodule)}.{self.io}put is {shape}, but the buffer needs per-token "
-                    f"activations of shape [batch, seq, d] = [{batch}, {length}, d]. Pick a submodule "
-                    "whose output (or input, io='in') has one vector per token."
-                )
-        return acts
-
-    @property
-    def _where(self) -> str:
-        return f"{submodule_path(self.submodule)} ({self.io}put)"
+            return torch.empty(0, self._storage.shape[1], dtype=self.dtype, device=self.device)
+        reads = self.reader(encoding)  # one [B, T, d_i] per read
+        keep = keep.to(reads[0].device, non_blocking=True)
+        rows = [act[keep].to(device=self.device, dtype=self.dtype) for act in reads]  # [n_tokens, d_i] each
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
     # ------------------------------------------------------------------ saving
 
     @property
     def config(self) -> dict[str, Any]:
         """What built this buffer, JSON-serialisable (save it next to the trained dictionary)."""
-        module = getattr(self.model, "_module", None)
-        return {
+        module = self.reader.torch_module
+        config = {
             "model": getattr(getattr(module, "config", None), "_name_or_path", None)
             or getattr(self.model, "repo_id", None) or None,
-            "submodule": submodule_path(self.submodule),
-            "io": self.io,
-            "d_submodule": self.d_submodule,
-            "n_ctxs": self.n_ctxs,
-            "ctx_len": self.ctx_len,
-            "refresh_batch_size": self.refresh_batch_size,
-            "out_batch_size": self.out_batch_size,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "remove_bos": self.remove_bos,
-            "seed": self.seed,
         }
+        if self.single_site:
+            config.update(submodule=self.reader.sites[0].path or "model", io=self.io, d_submodule=self.d_submodule)
+        else:
+            config.update(submodules={name: site.path or "model" for name, site in self.sites.items()}, io=self.io,
+                          d_submodule={name: width for name, width in self.d_sites.items()})
+        config.update(
+            n_ctxs=self.n_ctxs,
+            ctx_len=self.ctx_len,
+            refresh_batch_size=self.refresh_batch_size,
+            out_batch_size=self.out_batch_size,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            remove_bos=self.remove_bos,
+            seed=self.seed,
+            backend=self.reader.backend,
+        )
+        return config
+
+    def site_config(self, name: str) -> dict[str, Any]:
+        """The config of one site's stream, as a one-site buffer would record it (for the folder of a
+        dictionary trained on that site): model, submodule, io, d_submodule, layer and the rest."""
+        if name not in self.sites:
+            raise KeyError(f"no site {name!r}; the buffer reads {list(self.sites)}")
+        config = {k: v for k, v in self.config.items() if k not in ("submodules", "d_submodule")}
+        site = self.sites[name]
+        config.update(site=name, submodule=site.path or "model", d_submodule=self.d_sites[name],
+                      layer=layer_of(site.path))
+        return config
 
 
-def _check_arguments(data, io, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype) -> None:
-    if io not in ("in", "out"):
-        raise ValueError(f"io must be 'in' or 'out' (submodule input or output); got {io!r}.")
+def _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype) -> None:
     for name, value in [("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
                         ("out_batch_size", out_batch_size)]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -366,8 +388,8 @@ def submodule_path(submodule: Any) -> str:
     return str(getattr(submodule, "path", submodule)).removeprefix("model.") or "model"
 
 
-def _parameter_dtype(model: Any, default: torch.dtype) -> torch.dtype:
-    parameter = next(model._module.parameters(), None)
+def _parameter_dtype(module: torch.nn.Module, default: torch.dtype) -> torch.dtype:
+    parameter = next(module.parameters(), None)
     if parameter is None or not parameter.dtype.is_floating_point:
         return default
     return parameter.dtype

@@ -268,14 +268,3 @@ def test_empty_texts_and_empty_stream(lm):
     assert len(got) == len(lm.tokenizer("the cat sees the river.")["input_ids"])
     assert list(ActivationBuffer(iter([]), lm, lm.gpt_neox.layers[0].mlp, n_ctxs=2, ctx_len=16,
                                  out_batch_size=4)) == []
-
-
-def test_one_forward_pass_feeds_several_submodules(lm):
-    """The collection step takes a list of submodules (for all-layer training later)."""
-    layers = [lm.gpt_neox.layers[0].mlp, lm.gpt_neox.layers[1].mlp]
-    buffer = ActivationBuffer(iter([]), lm, layers[1], n_ctxs=2, ctx_len=16, out_batch_size=4)
-    encoding = buffer.tokenize(documents(3))
-    both = buffer._collect(encoding, layers)
-    assert [torch.equal(a, buffer._collect(encoding, [layer])[0]) for a, layer in zip(both, layers)] == [True, True]
-    with pytest.raises(ValueError, match="in the order the forward pass runs them"):
-        buffer._collect(encoding, layers[::-1])
