@@ -33,7 +33,7 @@ from .files import load_state_dict
 from .kernels import GatedEncode, SparseCodes
 
 __all__ = ["Dictionary", "AutoEncoder", "IdentityDict", "GatedAutoEncoder", "AutoEncoderTopK", "BatchTopKSAE",
-           "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "SavedAs"]
+           "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "Transcoder", "TopKTranscoder", "SavedAs"]
 
 
 class SavedAs(NamedTuple):
@@ -545,3 +545,109 @@ class JumpReluAutoEncoder(Dictionary):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return F.linear(f, self.W_dec.T, self.b_dec)
 
+
+
+class Transcoder(Dictionary):
+    """A transcoder (Dunefsky et al. 2024, "Transcoders find interpretable LLM feature circuits"):
+    sparse features of a module's input x [D_in] that reconstruct the module's output y [D_out],
+
+        f = ReLU(x W_enc + b_enc),   ŷ = f W_dec + b_dec  (+ x W_skipᵀ with `skip`)
+
+    W_enc [D_in, F], b_enc [F], W_dec [F, D_out], b_dec [D_out] and, for a skip transcoder (as in
+    sparsify and SAELens' skip_transcoder), W_skip [D_out, D_in], initialised at zero. `decode(f)`
+    is the sparse part f W_dec + b_dec; `forward(x)` adds the skip term. `activation_dim` is D_in,
+    `output_dim` D_out.
+    """
+
+    scales_with_input = ("b_enc", "b_dec")
+
+    def __init__(self, activation_dim: int, dict_size: int, output_dim: int | None = None, skip: bool = False, *,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        output_dim = activation_dim if output_dim is None else int(output_dim)
+        self.activation_dim, self.dict_size, self.output_dim = activation_dim, dict_size, output_dim
+        self.W_enc = _parameter(activation_dim, dict_size)
+        self.b_enc = _parameter(dict_size)
+        self.W_dec = _parameter(dict_size, output_dim)
+        self.b_dec = _parameter(output_dim)
+        self.W_skip = _parameter(output_dim, activation_dim) if skip else None
+        self._init_weights(generator)
+
+    @property
+    def skip(self) -> bool:
+        return self.W_skip is not None
+
+    @torch.no_grad()
+    def _init_weights(self, generator: torch.Generator | None) -> None:
+        """Random unit-norm encoder columns and decoder rows (tied, W_enc = W_decᵀ, when D_in = D_out),
+        drawn on the CPU from `generator`; biases and W_skip zero."""
+        if self.W_dec.device.type == "meta":
+            return
+        encoder = torch.randn(self.activation_dim, self.dict_size, generator=generator)
+        encoder /= encoder.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        if self.output_dim == self.activation_dim:
+            decoder = encoder.T
+        else:
+            decoder = torch.randn(self.dict_size, self.output_dim, generator=generator)
+            decoder /= decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_enc.copy_(encoder)
+        self.W_dec.copy_(decoder)
+
+    @classmethod
+    def shape_from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict:
+        args = super().shape_from_state_dict(state_dict)
+        args.update(output_dim=state_dict["W_dec"].shape[1], skip="W_skip" in state_dict)
+        return args
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """π = x W_enc + b_enc, [..., F] (x is not centred: b_dec lives in the output space)."""
+        return F.linear(x, self.W_enc.T, self.b_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_activations(x).relu()
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """f W_dec + b_dec, [..., D_out] (without the skip term, which needs x)."""
+        return F.linear(f, self.W_dec.T, self.b_dec)
+
+    def skip_term(self, x: torch.Tensor) -> torch.Tensor | float:
+        """x W_skipᵀ [..., D_out], or 0 without a skip connection."""
+        return F.linear(x, self.W_skip) if self.W_skip is not None else 0.0
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        """ŷ = decode(encode(x)) + x W_skipᵀ; with `output_features`, (ŷ, f)."""
+        f = self.encode(x)
+        y_hat = self.decode(f) + self.skip_term(x)
+        return (y_hat, f) if output_features else y_hat
+
+
+class TopKTranscoder(Transcoder):
+    """A TopK transcoder (sparsify's; Paulo et al. 2025, "Transcoders beat sparse autoencoders for
+    interpretability", with `skip`): exactly k active latents per token,
+
+        f = ReLU(TopK_k(x W_enc + b_enc)),   ŷ = f W_dec + b_dec  (+ x W_skipᵀ)
+
+    Saved like Transcoder, plus the buffer `k`.
+    """
+
+    constructor_buffers = ("k",)
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int, output_dim: int | None = None,
+                 skip: bool = False, *, generator: torch.Generator | None = None):
+        super().__init__(activation_dim, dict_size, output_dim, skip, generator=generator)
+        self.register_buffer("k", torch.tensor(_check_k(k, dict_size), dtype=torch.int))
+
+    def codes(self, x: torch.Tensor) -> SparseCodes:
+        """SparseCodes of the tokens of x [..., D_in] (flattened to N rows)."""
+        return kernels.per_token_top_k_codes(self.pre_activations(x.reshape(-1, x.shape[-1])), int(self.k))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.codes(x).to_dense(self.dict_size).reshape(*x.shape[:-1], self.dict_size)
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        codes = self.codes(x)
+        y_hat = (kernels.sparse_decode(codes, self.W_dec) + self.b_dec).reshape(*x.shape[:-1], self.output_dim)
+        y_hat = y_hat + self.skip_term(x)
+        if not output_features:
+            return y_hat
+        return y_hat, codes.to_dense(self.dict_size).reshape(*x.shape[:-1], self.dict_size)

@@ -205,6 +205,9 @@ def saelens_state_dict(dictionary: Dictionary) -> tuple[dict[str, torch.Tensor],
             f"SAELens has no architecture for {type(dictionary).__name__}; exportable classes: "
             f"{', '.join(entry.name for entry in ARCHITECTURES)}"
         ) from None
+    if entry.saelens is None:
+        raise ValueError(f"SAELens has no architecture for {entry.name}; save it as our folder (ae.pt + config.json) "
+                         "instead")
     ours = {name: value.detach() for name, value in dictionary.from_saved_names(dictionary.state_dict()).items()}
     if entry.saelens == "jumprelu":
         ours["threshold"] = _learned_threshold(dictionary, ours["threshold"])

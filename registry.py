@@ -22,6 +22,8 @@ from .dictionary import (
     GatedAutoEncoder,
     JumpReluAutoEncoder,
     MatryoshkaBatchTopKSAE,
+    TopKTranscoder,
+    Transcoder,
 )
 
 __all__ = ["Architecture", "ARCHITECTURES", "architecture", "dictionary_class", "recipe_names", "recipe_class",
@@ -36,9 +38,11 @@ class Architecture:
     recipes: dict[str, str]
     """trainer class name -> its module in trainers/ (imported on first use)."""
     saved_keys: frozenset[str]
-    """keys that identify a saved state dict of this class when its config names no class."""
-    saelens: str
-    """the SAELens architecture it is exported as ("standard", "gated", "topk", "jumprelu")."""
+    """keys that identify a saved state dict of this class when its config names no class (empty:
+    only a config naming the class identifies it)."""
+    saelens: str | None
+    """the SAELens architecture it is exported as ("standard", "gated", "topk", "jumprelu"); None
+    when SAELens has none."""
     saelens_reads: tuple[str, ...] = ()
     """SAELens architectures imported into this class."""
     centres_input: bool = True
@@ -95,6 +99,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         saved_keys=frozenset({"W_enc", "W_dec", "threshold"}),
         saelens="jumprelu", saelens_reads=("jumprelu",), centres_input=False,
     ),
+    Architecture(
+        Transcoder,
+        recipes={"TranscoderTrainer": "transcoder"},
+        saved_keys=frozenset(), saelens=None, centres_input=False,
+    ),
+    Architecture(
+        TopKTranscoder,
+        recipes={"TopKTranscoderTrainer": "top_k_transcoder"},
+        saved_keys=frozenset(), saelens=None, centres_input=False,
+    ),
 )
 
 
@@ -137,9 +151,9 @@ def infer_architecture(keys: Iterable[str], trainer_class: str | None = None) ->
     keys = set(keys)
     for entry in ARCHITECTURES:
         if trainer_class and (trainer_class in entry.recipes or trainer_class in entry.reference_trainers):
-            if entry.saved_keys <= keys:
+            if entry.saved_keys <= keys:  # an entry without saved_keys: its recipe alone identifies it
                 return entry
-    matches = [entry for entry in ARCHITECTURES if entry.saved_keys <= keys]
+    matches = [entry for entry in ARCHITECTURES if entry.saved_keys and entry.saved_keys <= keys]
     if not matches:
         raise ValueError(
             f"cannot tell the dictionary class from the state-dict keys {sorted(keys)}; "

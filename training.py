@@ -29,6 +29,7 @@ from .files import json_default
 from .normalization import activation_scale as unit_norm_scale
 from .registry import recipe_class
 from .runs import STATE_FILE, Checkpointer, RunFolder, current_field_names, exported_weights
+from .sites import layer_of
 from .trainers.base import ConstrainedAdam, SAETrainer, TrainerConfig, config_field_names
 
 __all__ = ["trainSAE", "ConstrainedAdam", "build_trainer", "STATE_FILE"]
@@ -134,36 +135,95 @@ def _save_steps(save_steps) -> list[int]:
     return sorted({int(s) for s in steps})
 
 
-def _check_batch(x: Any, step: int, activation_dims: set[int]) -> torch.Tensor:
-    """Batch `step` as [N, D]; errors name what is wrong with it."""
+def _check_batch(x: Any, step: int, width: int, what: str = "activations") -> torch.Tensor:
+    """Batch `step` as [N, width]; errors name what is wrong with it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(
-            f"activations must yield tensors of shape [batch, activation_dim]; batch {step} is a {type(x).__name__}"
+            f"{what} must be tensors of shape [batch, activation_dim]; batch {step} is a {type(x).__name__}"
         )
     if x.ndim < 2:
-        raise ValueError(f"activations batch {step} has shape {tuple(x.shape)}; expected [batch, activation_dim]")
-    if x.shape[-1] not in activation_dims:
+        raise ValueError(f"{what} batch {step} has shape {tuple(x.shape)}; expected [batch, activation_dim]")
+    if x.shape[-1] != width:
         raise ValueError(
-            f"activations batch {step} has width {x.shape[-1]} but activation_dim is "
-            f"{sorted(activation_dims)}: pass the width of the hooked submodule as activation_dim"
+            f"{what} batch {step} has width {x.shape[-1]} but the trainer expects {width}: pass the width of "
+            "the hooked submodule as activation_dim"
         )
     if not bool(torch.isfinite(x).all()):
         raise ValueError(
-            f"activations batch {step} contains NaN or inf; check the model/buffer (e.g. fp16 overflow)"
+            f"{what} batch {step} contains NaN or inf; check the model/buffer (e.g. fp16 overflow)"
         )
     return x.reshape(-1, x.shape[-1])
 
 
-def _buffer_config(data: Any) -> Any:
-    """What the data source says about itself (an ActivationBuffer's config), as JSON allows."""
-    config = getattr(data, "config", None)
-    if callable(config):
-        config = config()
+def _stream(batch: Any, trainer: SAETrainer, index: int, step: int) -> Any:
+    """The part of `batch` that trainer `index` trains on: the batch itself, or with a dict of
+    sites (a multi-site buffer), the entry of the trainer's `site`; each tensor checked."""
+    site = trainer.cfg.site
+    where = f"trainer {index} ({type(trainer).__name__})"
+    if isinstance(batch, Mapping):
+        if site is None:
+            if len(batch) != 1:
+                raise ValueError(f"{where} has no site, but the data yields the sites {list(batch)}: set 'site' in "
+                                 "its config")
+            site = next(iter(batch))
+        if site not in batch:
+            raise ValueError(f"{where} reads site {site!r}, which the data does not collect; it collects {list(batch)}")
+        batch, what = batch[site], f"site {site!r}"
+    elif site is not None:
+        raise ValueError(f"{where} reads site {site!r}, but the data yields one stream of tensors, not sites: build "
+                         "the buffer with submodules=[...], or drop 'site'")
+    else:
+        what = "activations"
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise ValueError(f"{what}: a batch of pairs must be (inputs, outputs); got {len(batch)} tensors")
+        output_dim = getattr(trainer.cfg, "output_dim", None) or trainer.cfg.activation_dim
+        return (_check_batch(batch[0], step, trainer.cfg.activation_dim, f"{what} inputs"),
+                _check_batch(batch[1], step, output_dim, f"{what} outputs"))
+    return _check_batch(batch, step, trainer.cfg.activation_dim, what)
+
+
+def _check_sites(trainers: Sequence[SAETrainer], data: Any) -> None:
+    """Before any forward pass: each trainer's site is one the data collects."""
+    sites = getattr(data, "sites", None)
+    if not isinstance(sites, Mapping):
+        return
+    for index, trainer in enumerate(trainers):
+        site = trainer.cfg.site
+        if site is not None and site not in sites:
+            raise ValueError(f"trainer {index} ({type(trainer).__name__}) reads site {site!r}, which the buffer does "
+                             f"not collect; it collects {list(sites)}")
+
+
+def _buffer_config(data: Any, site: str | None = None) -> Any:
+    """What the data source says about itself (an ActivationBuffer's config; with a multi-site
+    buffer, the config of the trainer's site), as JSON allows."""
+    site_config = getattr(data, "site_config", None)
+    single = getattr(data, "single_site", True)
+    if callable(site_config) and not single:
+        config = site_config(site if site is not None else next(iter(data.sites)))
+    else:
+        config = getattr(data, "config", None)
+        if callable(config):
+            config = config()
     try:
         json.dumps(config, default=json_default)
     except (TypeError, ValueError):
         config = repr(config)  # record what it was, even if not as JSON
     return config
+
+
+def _record_provenance(trainer: SAETrainer, buffer_config: Any) -> None:
+    """Fill the trainer's unset lm_name, layer and submodule_name from its buffer's config, so that
+    its folder says where its activations come from."""
+    if not isinstance(buffer_config, Mapping):
+        return
+    submodule = buffer_config.get("submodule")
+    found = {"lm_name": buffer_config.get("model"), "submodule_name": submodule,
+             "layer": buffer_config.get("layer", layer_of(submodule) if isinstance(submodule, str) else None)}
+    for name, value in found.items():
+        if getattr(trainer.cfg, name) is None and value is not None:
+            setattr(trainer.cfg, name, value)
 
 
 def _batches_after(data: Iterable[torch.Tensor], steps_done: int) -> Iterator[torch.Tensor]:
@@ -263,54 +323,86 @@ def trainSAE(
                            str(autocast_dtype) if autocast_dtype is not None else None, seed)
 
     trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
-    steps_done, scale = 0, None
+    _check_sites(trainers, data)
+    buffer_configs = [_buffer_config(data, trainer.cfg.site) for trainer in trainers]
+    for trainer, buffer_config in zip(trainers, buffer_configs):
+        _record_provenance(trainer, buffer_config)
+    steps_done, scales = 0, {}
     if resume_from is not None:
-        steps_done, scale = Checkpointer(resume_from / STATE_FILE).load(trainers)
-    run = _Run(trainers, settings, _buffer_config(data), save_dir, seed_form, use_wandb, wandb_project)
+        steps_done, saved_scales = Checkpointer(resume_from / STATE_FILE).load(trainers)
+        scales = _scales(saved_scales)
+    run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, use_wandb, wandb_project)
     try:
-        run.start(resume_from, steps_done, scale)
-        steps_done, scale = _train(trainers, _batches_after(data, steps_done), run, steps_done, scale,
-                                   settings, autocast_dtype, progress)
+        run.start(resume_from, steps_done, scales)
+        steps_done = _train(trainers, _batches_after(data, steps_done), run, steps_done, scales, settings,
+                            autocast_dtype, progress)
     finally:
         run.close()
     if steps_done == 0:
         raise ValueError("activations yielded no batches: the data iterator is empty")
-    run.finish(steps_done, scale)
+    run.finish(steps_done, scales)
+    for trainer in trainers:
+        scale = scales.get(_stream_key(trainer))
+        if scale is not None:
+            trainer.ae.scale_biases(1.0 / scale)
     dictionaries = [trainer.ae for trainer in trainers]
-    if scale is not None:
-        for dictionary in dictionaries:
-            dictionary.scale_biases(1.0 / scale)
     return dictionaries[0] if seed_form else dictionaries
 
 
-def _train(trainers, batches, run, step, scale, settings: RunSettings, autocast_dtype, progress) -> tuple[int, float | None]:
-    """The training loop: every trainer steps on every batch. Returns (steps done, activation scale)."""
-    activation_dims = {trainer.cfg.activation_dim for trainer in trainers}
+def _stream_key(trainer: SAETrainer) -> str:
+    """The key of the stream a trainer reads in the run's activation scales: its site ("" for none)."""
+    return trainer.cfg.site or ""
+
+
+def _scales(saved: Any) -> dict[str, float]:
+    """Activation scales per stream from a training state (runs before sites saved one float or None)."""
+    if saved is None:
+        return {}
+    return dict(saved) if isinstance(saved, Mapping) else {"": float(saved)}
+
+
+def _train(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
+           progress) -> int:
+    """The training loop: every trainer steps on every batch (on its site's part of it). Fills
+    `scales` (per stream, from its first batch) with normalize_activations. Returns the steps done."""
     autocasts = [_autocast(trainer.device, autocast_dtype) for trainer in trainers]
     bar = tqdm(total=settings.steps, initial=step, desc="trainSAE", disable=not progress, dynamic_ncols=True)
     with bar:
         for batch in batches:
             if settings.steps is not None and step >= settings.steps:
                 break
-            x = _check_batch(batch, step, activation_dims)
-            if settings.normalize_activations and scale is None:
-                scale = unit_norm_scale(x)  # from the first batch
-            inputs = {}  # one converted copy of the batch per device
+            inputs = {}  # one converted copy of each stream per device
             metrics = []
-            for trainer, autocast in zip(trainers, autocasts):
-                if trainer.device not in inputs:
-                    x_device = x.to(trainer.device, torch.float32, non_blocking=True)
-                    inputs[trainer.device] = x_device * scale if scale is not None else x_device
+            for index, (trainer, autocast) in enumerate(zip(trainers, autocasts)):
+                key = (_stream_key(trainer), trainer.device)
+                if key not in inputs:
+                    inputs[key] = _prepared(_stream(batch, trainer, index, step), key[0], trainer.device, scales,
+                                            settings.normalize_activations)
                 with autocast:
-                    metrics.append(trainer.update(step, inputs[trainer.device]))
+                    metrics.append(trainer.update(step, inputs[key]))
             step += 1
             bar.update(1)
             if settings.log_steps is not None and (step % settings.log_steps == 0 or step == 1):
                 logged = run.log(step, metrics)
                 bar.set_postfix(loss=f"{logged[0].get('loss', float('nan')):.4g}")
             if step in settings.save_steps:
-                run.checkpoint(step, scale)
-    return step, scale
+                run.checkpoint(step, scales)
+    return step
+
+
+def _prepared(stream, key: str, device: torch.device, scales: dict[str, float], normalize: bool):
+    """A stream's tensors as float32 on `device`, times its activation scale s (from this batch, the
+    stream's first, when normalising and s is not known yet; a pair is scaled by its inputs' s)."""
+    first = stream[0] if isinstance(stream, tuple) else stream
+    if normalize and key not in scales:
+        scales[key] = unit_norm_scale(first)
+    scale = scales.get(key)
+
+    def convert(x):
+        x = x.to(device, torch.float32, non_blocking=True)
+        return x * scale if scale is not None else x
+
+    return tuple(convert(x) for x in stream) if isinstance(stream, tuple) else convert(stream)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -323,12 +415,12 @@ class _Run:
     """What a trainSAE run writes: its folders (RunFolder), its resumable state (Checkpointer) and,
     with use_wandb, a wandb run."""
 
-    def __init__(self, trainers, settings: RunSettings, buffer_config, save_dir, seed_form: bool, use_wandb: bool,
-                 wandb_project: str):
-        self.trainers, self.settings, self.buffer_config = trainers, settings, buffer_config
+    def __init__(self, trainers, settings: RunSettings, buffer_configs: list, save_dir, seed_form: bool,
+                 use_wandb: bool, wandb_project: str):
+        self.trainers, self.settings, self.buffer_configs = trainers, settings, buffer_configs
         self.folder = RunFolder(save_dir, len(trainers), single=seed_form) if save_dir is not None else None
         self.checkpointer = Checkpointer(Path(save_dir) / STATE_FILE) if save_dir is not None else None
-        self.scale: float | None = None
+        self.scales: dict[str, float] = {}
         self.wandb = None
         if use_wandb:
             try:
@@ -338,16 +430,21 @@ class _Run:
             self.wandb = wandb.init(project=wandb_project, config={
                 "trainers": [trainer.config for trainer in trainers], **vars(settings)})
 
+    def scale_of(self, trainer) -> float | None:
+        return self.scales.get(_stream_key(trainer))
+
     def configs(self) -> list[dict[str, Any]]:
         """Each trainer's config.json."""
-        scale = self.scale
-        training = {**vars(self.settings), "activation_scale": scale,
-                    "norm_factor": None if scale is None else 1.0 / scale}
-        return [{"trainer": trainer.config, "buffer": self.buffer_config, "training": training}
-                for trainer in self.trainers]
+        configs = []
+        for trainer, buffer_config in zip(self.trainers, self.buffer_configs):
+            scale = self.scale_of(trainer)
+            training = {**vars(self.settings), "activation_scale": scale,
+                        "norm_factor": None if scale is None else 1.0 / scale}
+            configs.append({"trainer": trainer.config, "buffer": buffer_config, "training": training})
+        return configs
 
-    def start(self, resumed_from: Path | None, steps_done: int, scale: float | None) -> None:
-        self.scale = scale
+    def start(self, resumed_from: Path | None, steps_done: int, scales: dict[str, float]) -> None:
+        self.scales = scales
         if self.folder is not None:
             self.folder.start(self.configs(), resumed_from, steps_done)
 
@@ -361,19 +458,21 @@ class _Run:
                            step=step)
         return records
 
-    def checkpoint(self, step: int, scale: float | None) -> None:
-        self.scale = scale
-        self.folder.save([exported_weights(t, scale) for t in self.trainers], self.configs(), steps_done=step)
-        self.checkpointer.save(self.trainers, step, scale)
+    def checkpoint(self, step: int, scales: dict[str, float]) -> None:
+        self.scales = scales
+        self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
+                         steps_done=step)
+        self.checkpointer.save(self.trainers, step, dict(scales))
 
-    def finish(self, steps_done: int, scale: float | None) -> None:
+    def finish(self, steps_done: int, scales: dict[str, float]) -> None:
         """The final weights (ae.pt); with save_steps, also the state at the end, so the run can be extended."""
-        self.scale = scale
+        self.scales = scales
         if self.folder is None:
             return
         if self.settings.save_steps and steps_done not in self.settings.save_steps:
-            self.checkpointer.save(self.trainers, steps_done, scale)
-        self.folder.save([exported_weights(t, scale) for t in self.trainers], self.configs(), steps_done=None)
+            self.checkpointer.save(self.trainers, steps_done, dict(scales))
+        self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
+                         steps_done=None)
 
     def close(self) -> None:
         if self.folder is not None:

@@ -18,6 +18,7 @@ from dictionary_learning.registry import ARCHITECTURES, architecture, infer_arch
 REPO = Path(dictionary_learning.__file__).resolve().parent
 D, F_ = 8, 32
 EXTRA_ARGUMENTS = {"k": 3, "group_sizes": [4, 12, 16]}
+TRANSCODER_ARGUMENTS = {"output_dim": 5, "skip": True}  # another output width, and the skip connection
 
 
 @torch.no_grad()
@@ -25,7 +26,8 @@ def random_dictionary(entry, seed=0):
     """An instance of the entry's class with every float tensor random (thresholds positive)."""
     cls = entry.dictionary
     generator = torch.Generator().manual_seed(seed)
-    dictionary = cls(D, F_, **{name: EXTRA_ARGUMENTS[name] for name in cls.constructor_buffers},
+    extra = TRANSCODER_ARGUMENTS if issubclass(cls, dictionary_module.Transcoder) else {}
+    dictionary = cls(D, F_, **{name: EXTRA_ARGUMENTS[name] for name in cls.constructor_buffers}, **extra,
                      generator=generator)
     for name, tensor in [*dictionary.named_parameters(), *dictionary.named_buffers()]:
         if not tensor.is_floating_point():
@@ -79,6 +81,10 @@ def test_every_architecture_round_trips_through_every_format(tmp_path, entry):
     torch.save(dictionary.state_dict(), tmp_path / "ae.pt")
     assert_same_outputs(dictionary, entry.dictionary.from_pretrained(tmp_path / "ae.pt"))
     # SAELens
+    if entry.saelens is None:
+        with pytest.raises(ValueError, match=f"SAELens has no architecture for {entry.name}"):
+            save_saelens(dictionary, tmp_path / "saelens")
+        return
     save_saelens(dictionary, tmp_path / "saelens")
     assert json.loads((tmp_path / "saelens" / "cfg.json").read_text())["architecture"] == entry.saelens
     loaded, _ = load_saelens(tmp_path / "saelens")

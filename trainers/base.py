@@ -52,6 +52,9 @@ class TrainerConfig:
     """its layer (provenance)."""
     submodule_name: str | None = None
     """its submodule (provenance)."""
+    site: str | None = None
+    """the site this trainer reads when the data yields several (a multi-site ActivationBuffer's
+    batches are dicts site -> activations); None: the data's only stream."""
 
 
 def config_field_names(config_class: type[TrainerConfig]) -> list[str]:

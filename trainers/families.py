@@ -6,7 +6,9 @@
 - the gated family (gated.py, gated_anneal.py): the gated SAE's reconstruction and auxiliary
   losses, for any sparsity penalty on the gate path;
 - p-annealing (p_anneal.py, gated_anneal.py): the Lp penalty whose exponent p shrinks during
-  training, with λ rescaled at each change.
+  training, with λ rescaled at each change;
+- transcoders (transcoder.py, top_k_transcoder.py): batches of (input, output) pairs, the output
+  width, the skip connection, b_dec at the mean output.
 """
 from __future__ import annotations
 
@@ -546,3 +548,51 @@ class AnnealedSparsity:
 
     def load_extra_state(self, state: dict) -> None:
         self.anneal.load_state_dict(state["anneal"])
+
+
+# =============================================================================================
+# Transcoders: features of a module's input that reconstruct its output
+# =============================================================================================
+
+
+@dataclass
+class TranscoderFamilyConfig(TrainerConfig):
+    """`activation_dim` is the width of the module's input, D_in."""
+
+    output_dim: int | None = None
+    """D_out, the width of the module's output (None: D_in)."""
+    skip: bool = False
+    """add a linear skip connection ŷ += x W_skipᵀ (W_skip [D_out, D_in], trained from zero)."""
+
+
+class TranscoderFamilyTrainer(SAETrainer):
+    """Trains on batches (x [N, D_in], y [N, D_out]), a site's (input, output) pairs
+    (`ActivationBuffer(..., io="in_to_out")`). Before the first step b_dec moves to the mean of y,
+    so the features start by explaining what varies."""
+
+    def dictionary_arguments(self) -> dict:
+        return {"output_dim": self.cfg.output_dim, "skip": self.cfg.skip}
+
+    def pair(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [N, D_in], y [N, D_out]) of a batch of pairs; a clear error for anything else."""
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                f"{type(self).__name__} trains on (input, output) pairs: read its site with io='in_to_out' "
+                f"(got a {type(batch).__name__})"
+            )
+        x, y = batch
+        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+    def update(self, step: int, batch) -> dict[str, torch.Tensor]:
+        if step == 0:
+            with torch.no_grad():
+                self.ae.b_dec.copy_(self.pair(batch)[1].mean(dim=0))
+        return super().update(step, batch)
+
+    @staticmethod
+    def fit_metrics(y: torch.Tensor, y_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """mse_loss = (1/N) Σ‖y − ŷ‖² and fvu = Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (detached)."""
+        with torch.no_grad():
+            squared = (y - y_hat).pow(2).sum()
+            variance = (y - y.mean(dim=0)).pow(2).sum().clamp_min(1e-30)
+            return {"mse_loss": squared / len(y), "fvu": squared / variance}
