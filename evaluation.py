@@ -19,16 +19,23 @@ per-batch ratios). With N tokens x_n ∈ R^D, reconstructions x̂_n and features
 γ is the relative reconstruction bias of the Gated SAE paper (Rajamanoharan et al. 2024, in its
 corrected form): γ = argmin_γ' E‖x̂/γ' − x‖² = E‖x̂‖² / E<x̂, x>, expectations pooled over tokens.
 γ < 1 means the dictionary shrinks its reconstructions (L1 shrinkage); γ = 1 means no such bias.
+
+For a transcoder the batches are pairs (x, y) of a module's input and output, and every metric
+above compares y with ŷ = transcoder(x): FVU = 1 − frac_variance_explained is the share of the
+output's variance it misses.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import warnings
-from typing import Iterable
+import os
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 
+from .dictionary import Transcoder
 from .normalization import batch_scale
 
 # =============================================================================================
@@ -311,8 +318,13 @@ def _reconstruct(dictionary, acts: torch.Tensor, real: torch.Tensor, normalize_b
     parameter = next(dictionary.parameters(), None)
     x = acts if parameter is None else acts.to(parameter.device, parameter.dtype)
     scale = batch_scale(x, real).to(x.dtype) if normalize_batch else 1.0
-    x_hat = dictionary.decode(dictionary.encode(x * scale))
+    x_hat = _apply(dictionary, x * scale)
     return (x_hat / scale).to(acts.device, acts.dtype)
+
+
+def _apply(dictionary, x: torch.Tensor) -> torch.Tensor:
+    """x̂ = decode(encode(x)); a transcoder's ŷ with its skip term."""
+    return dictionary(x) if isinstance(dictionary, Transcoder) else dictionary.decode(dictionary.encode(x))
 
 
 def _spliced_loss_sums(model, submodule, dictionary, encoding, io: str, normalize_batch: bool) -> dict[str, float]:
@@ -324,10 +336,14 @@ def _spliced_loss_sums(model, submodule, dictionary, encoding, io: str, normaliz
     real = mask.bool()
     with torch.inference_mode():
         with model.trace(stacked):
+            if io == "in_to_out":  # the transcoder's ŷ(input) replaces the output
+                source = submodule.input
+                source = source[0] if isinstance(source, tuple) else source  # [3B, T, D_in]
             value = submodule.input if io == "in" else submodule.output
             acts = value[0] if isinstance(value, tuple) else value  # [3B, T, D]
             x = acts[:n_rows]
-            spliced = torch.cat([x, _reconstruct(dictionary, acts[n_rows : 2 * n_rows], real, normalize_batch),
+            source = source if io == "in_to_out" else acts
+            spliced = torch.cat([x, _reconstruct(dictionary, source[n_rows : 2 * n_rows], real, normalize_batch),
                                  torch.zeros_like(x)])
             if io == "in":
                 submodule.input = spliced
@@ -388,7 +404,8 @@ def loss_recovered(
         max_len: truncate texts to this many tokens.
         normalize_batch: scale activations to mean norm √D before the dictionary (and back after),
             for dictionaries trained on normalised activations.
-        io: "out" splices the submodule's output (first element of a tuple), "in" its first input.
+        io: "out" splices the submodule's output (first element of a tuple), "in" its first input,
+            "in_to_out" replaces the output by a transcoder's ŷ of the input.
 
     Returns:
         {"ce_clean", "ce_reconstructed", "ce_zero", "ce_diff", "frac_recovered",
@@ -397,8 +414,8 @@ def loss_recovered(
     """
     from .buffer import check_language_model, resolve_submodule
 
-    if io not in ("in", "out"):
-        raise ValueError(f"io must be 'in' or 'out'; got {io!r}.")
+    if io not in ("in", "out", "in_to_out"):
+        raise ValueError(f"io must be 'in', 'out' or 'in_to_out'; got {io!r}.")
     model = check_language_model(model)
     submodule = resolve_submodule(model, submodule)
     encoding = _encode_text(model, text, max_len)
@@ -414,14 +431,18 @@ def evaluate(
     io: str | None = None,
     normalize_batch: bool = False,
     device: str | torch.device | None = None,
+    *,
+    site: str | None = None,
 ) -> dict[str, float]:
     """Every metric of `dictionary` on `n_batches` batches, pooled over all of them.
 
-    `activations` is an `ActivationBuffer` (tensor metrics on its batches, plus the language-model
-    metrics of `loss_recovered` on `batch_size` fresh texts of its stream per batch, truncated to
-    `max_len` tokens and spliced at the buffer's submodule), or any iterator of [B, D] tensors
-    (tensor metrics only). `io` defaults to the buffer's. With `normalize_batch`, each batch is
-    scaled to mean norm √D before the dictionary (as in training with normalised activations).
+    `activations` is an `ActivationBuffer` (tensor metrics on its batches, plus, with an nnsight
+    model, the language-model metrics of `loss_recovered` on `batch_size` fresh texts of its stream
+    per batch, truncated to `max_len` tokens and spliced at the buffer's submodule), or any iterator
+    of [B, D] tensors or (x, y) pairs (tensor metrics only). `io` defaults to the buffer's. With a
+    multi-site buffer, `site` names the site the dictionary was trained on. With `normalize_batch`,
+    each batch is scaled to mean norm √D before the dictionary (as in training with normalised
+    activations).
 
     Returns the accumulator's snake_case metrics, the `loss_recovered` keys, and the reference
     README's column names: "MSE", "L1", "L0", "% alive" (percent), "variance explained" (percent),
@@ -430,6 +451,7 @@ def evaluate(
     if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
         raise ValueError(f"n_batches must be a positive int; got {n_batches!r}.")
     is_buffer = all(hasattr(activations, name) for name in ("model", "submodule", "text_batch"))
+    splice_at = None
     if is_buffer:
         if io is not None and io != activations.io:
             raise ValueError(
@@ -437,6 +459,16 @@ def evaluate(
                 "must be spliced where its inputs come from: pass io=None."
             )
         io = activations.io
+        sites = getattr(activations, "sites", {})
+        if site is None and len(sites) > 1:
+            raise ValueError(f"the buffer reads several sites {list(sites)}: pass site= (the one the dictionary "
+                             "was trained on)")
+        if site is not None and site not in sites:
+            raise ValueError(f"site={site!r} is not read by the buffer; it reads {list(sites)}")
+        if getattr(getattr(activations, "reader", None), "backend", "nnsight") == "nnsight":
+            path = sites[site].path if site is not None else None
+            splice_at = activations.submodule if path is None else (activations.model.get(path) if path else
+                                                                    activations.model)
     if isinstance(activations, torch.Tensor):
         activations = iter([activations])
     parameter = next(dictionary.parameters(), None)
@@ -447,19 +479,27 @@ def evaluate(
     lm_sums: dict[str, float] = {}
     batches = 0
     with torch.no_grad():
-        for x in itertools.islice(activations, n_batches):
-            x = x.reshape(-1, x.shape[-1]).to(device)  # [N, D]
+        for batch in itertools.islice(activations, n_batches):
+            if isinstance(batch, dict):
+                batch = batch[site if site is not None else next(iter(batch))]
+            x, target = batch if isinstance(batch, (tuple, list)) else (batch, batch)
+            x = x.reshape(-1, x.shape[-1]).to(device)  # [N, D_in]
+            target = target.reshape(-1, target.shape[-1]).to(device)  # [N, D_out]
             if normalize_batch:
-                x = x * batch_scale(x).to(x.dtype)
-            f = dictionary.encode(x if parameter is None else x.to(parameter.dtype))
-            metrics.update(x, dictionary.decode(f), f)
+                scale = batch_scale(x).to(x.dtype)
+                x, target = x * scale, target * scale
+            x = x if parameter is None else x.to(parameter.dtype)
+            f = dictionary.encode(x)
+            x_hat = dictionary.decode(f)
+            if isinstance(dictionary, Transcoder):
+                x_hat = x_hat + dictionary.skip_term(x)
+            metrics.update(target, x_hat, f)
             batches += 1
-            if is_buffer:
+            if splice_at is not None:
                 texts = activations.text_batch(batch_size)
                 if texts:
                     encoding = _encode_text(activations.model, texts, max_len)
-                    sums = _spliced_loss_sums(activations.model, activations.submodule, dictionary,
-                                              encoding, io, normalize_batch)
+                    sums = _spliced_loss_sums(activations.model, splice_at, dictionary, encoding, io, normalize_batch)
                     lm_sums = {k: lm_sums.get(k, 0) + v for k, v in sums.items()}
     if batches == 0:
         raise ValueError("activations yielded no batch to evaluate on.")
@@ -478,3 +518,63 @@ def evaluate(
         out["CE diff"] = out["ce_diff"]
         out["% CE recovered"] = 100 * out["frac_recovered"]
     return out
+
+
+def evaluate_sweep(
+    folder: str | os.PathLike,
+    activations,
+    n_batches: int = 1,
+    max_len: int = 128,
+    batch_size: int = 32,
+    normalize_batch: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per dictionary folder under `folder` (a trainSAE save_dir, or a tree of them): its
+    site and recipe, and its L0, FVU, % dead, and (with an nnsight buffer) CE/KL recovered.
+
+    Every dictionary is scored on the same `n_batches` batches of `activations` (an ActivationBuffer,
+    with several sites or one; each dictionary reads the site its folder's config names) and, for the
+    language-model metrics, on the same `batch_size` texts spliced at its folder's submodule.
+    """
+    from .interop import get_nested_folders, load_dictionary
+
+    folders = get_nested_folders(folder)
+    if not folders:
+        raise ValueError(f"no dictionary folders (ae.pt + config.json) under {str(folder)!r}")
+    batches = list(itertools.islice(activations, n_batches))
+    if not batches:
+        raise ValueError("activations yielded no batch to evaluate on.")
+    backend = getattr(getattr(activations, "reader", None), "backend", None)
+    texts = activations.text_batch(batch_size) if backend == "nnsight" else []
+    rows = []
+    for path in folders:
+        dictionary, config = load_dictionary(path)
+        trainer, buffer = config.get("trainer", {}), config.get("buffer") or {}
+        site = trainer.get("site")
+        stream = [batch[site if site is not None else next(iter(batch))] if isinstance(batch, dict) else batch
+                  for batch in batches]
+        metrics = evaluate(dictionary, stream, n_batches=len(stream), normalize_batch=normalize_batch)
+        row = {"folder": str(Path(path).relative_to(folder)) if Path(path) != Path(folder) else ".",
+               "site": site or buffer.get("submodule"), "trainer": trainer.get("trainer_class"),
+               "dict_size": dictionary.dict_size, "l0": metrics["l0"], "fvu": 1 - metrics["frac_variance_explained"],
+               "dead_pct": 100 * (1 - metrics["frac_alive"])}
+        submodule = buffer.get("submodule")
+        if texts and isinstance(submodule, str):
+            lm = loss_recovered(texts, activations.model, submodule, dictionary, max_len=max_len,
+                                normalize_batch=normalize_batch, io=buffer.get("io", "out"))
+            row.update(ce_recovered=lm["frac_recovered"], ce_diff=lm["ce_diff"], kl=lm["kl_reconstructed"])
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """`rows` (e.g. evaluate_sweep's) as a Markdown table, numbers to 4 significant digits."""
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value):
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
