@@ -15,8 +15,10 @@ from .dictionary import (
     IdentityDict,
     JumpReluAutoEncoder,
     MatryoshkaBatchTopKSAE,
+    TopKTranscoder,
+    Transcoder,
 )
-from .evaluation import MetricAccumulator, evaluate, fvu, loss_recovered, tensor_metrics
+from .evaluation import MetricAccumulator, evaluate, evaluate_sweep, format_table, fvu, loss_recovered, tensor_metrics
 from .interop import load_dictionary, load_saelens, save_saelens
 from .synthetic import SyntheticActivations, dictionary_directions, fraction_recovered, mean_max_cosine_similarity
 from .trainers.base import ConstrainedAdam
@@ -38,8 +40,12 @@ __all__ = [
     "MatryoshkaBatchTopKSAE",
     "MetricAccumulator",
     "SyntheticActivations",
+    "TopKTranscoder",
+    "Transcoder",
     "dictionary_directions",
     "evaluate",
+    "evaluate_sweep",
+    "format_table",
     "fraction_recovered",
     "fvu",
     "hf_dataset_to_generator",

@@ -123,7 +123,7 @@ class ActivationBuffer:
         self._order = torch.empty(0, dtype=torch.long, device=self.device)
         self._next = 0
         self._free = torch.arange(self.capacity, device=self.device)
-        self._overflow: torch.Tensor | None = None  # rows computed beyond the free slots
+        self._overflow: list[torch.Tensor] | None = None  # rows computed beyond the free slots, per read
         self._data_exhausted = False
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -204,27 +204,30 @@ class ActivationBuffer:
         free = torch.cat([self._free, self._order[: self._next]])
         filled = 0
         while filled < len(free):
-            rows = self._next_rows()
-            if rows is None:
+            reads = self._next_rows()
+            if reads is None:
                 break
-            n = min(len(rows), len(free) - filled)
-            self._storage.index_copy_(0, free[filled : filled + n], rows[:n])
-            self._overflow = rows[n:] if n < len(rows) else None
+            n = min(len(reads[0]), len(free) - filled)
+            slots = free[filled : filled + n]
+            for (start, end), rows in zip(self._columns, reads):  # each read into its columns of the block
+                self._storage[:, start:end].index_copy_(0, slots, rows[:n])
+            self._overflow = [rows[n:] for rows in reads] if n < len(reads[0]) else None
             filled += n
         held = torch.cat([self._order[self._next :], free[:filled]])
         self._free = free[filled:]
         self._order = held[torch.randperm(len(held), generator=self._generator, device=self.device)]
         self._next = 0
 
-    def _next_rows(self) -> torch.Tensor | None:
-        """Leftover rows of the last forward pass, else the next batch's; None when data ran out."""
+    def _next_rows(self) -> list[torch.Tensor] | None:
+        """Leftover rows of the last forward pass, else the next batch's (one tensor [n, d_i] per
+        read); None when data ran out."""
         if self._overflow is not None:
-            rows, self._overflow = self._overflow, None
-            return rows
+            reads, self._overflow = self._overflow, None
+            return reads
         while not self._data_exhausted:
-            rows = self._activations(self.tokenized_batch())
-            if len(rows):
-                return rows
+            reads = self._activations(self.tokenized_batch())
+            if reads is not None:
+                return reads
         return None
 
     # ------------------------------------------------------------------ text and tokens
@@ -258,17 +261,17 @@ class ActivationBuffer:
 
     # ------------------------------------------------------------------ collection
 
-    def _activations(self, encoding: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Every read's activations at the real tokens of one tokenized batch, side by side:
-        [n_tokens, sum of the reads' widths]."""
+    def _activations(self, encoding: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        """Each read's activations at the real tokens of one tokenized batch, [n_tokens, d_i] each
+        (None when the batch has no real token)."""
         keep = token_mask(encoding["input_ids"], encoding["attention_mask"],
                           self.tokenizer.bos_token_id if self.remove_bos else None)  # [B, T]
         if not keep.any():
-            return torch.empty(0, self._storage.shape[1], dtype=self.dtype, device=self.device)
+            return None
         reads = self.reader(encoding)  # one [B, T, d_i] per read
-        keep = keep.to(reads[0].device, non_blocking=True)
-        rows = [act[keep].to(device=self.device, dtype=self.dtype) for act in reads]  # [n_tokens, d_i] each
-        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        positions = keep.reshape(-1).nonzero().squeeze(1).to(reads[0].device, non_blocking=True)  # [n_tokens]
+        return [act.reshape(-1, act.shape[-1]).index_select(0, positions).to(device=self.device, dtype=self.dtype)
+                for act in reads]
 
     # ------------------------------------------------------------------ saving
 

@@ -1,0 +1,33 @@
+"""The README's runnable examples (the code blocks after `<!-- example: NAME -->`) run as written,
+on the bundled offline model, in a temporary folder."""
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def examples() -> dict[str, str]:
+    text = README.read_text()
+    return {name: code for name, code in re.findall(r"<!-- example: (\w+) -->\n```python\n(.*?)```", text, re.S)}
+
+
+def test_the_readme_marks_its_examples():
+    assert {"sites", "transcoder"} <= set(examples())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sites", "transcoder"])
+def test_readme_example_runs(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(examples()[name], f"README.md example {name}", "exec"), {"__name__": "readme_example"})
+    printed = capsys.readouterr().out
+    if name == "sites":
+        rows = [line for line in printed.splitlines() if line.startswith("| trainer_")]
+        assert len(rows) == 4 and all("TopKTrainer" in row for row in rows)
+        assert sorted(path.name for path in (tmp_path / "runs" / "all_mlps").iterdir() if path.is_dir()) == \
+            [f"trainer_{i}" for i in range(4)]
+    else:
+        fvu, recovered = (float(value) for value in re.findall(r"(?:FVU|CE recovered) ([-\d.]+)", printed))
+        assert 0 <= fvu < 0.5 and recovered > 0.5  # a transcoder of the MLP, not noise
