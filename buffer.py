@@ -62,6 +62,7 @@ class ActivationBuffer:
             Batches are then dicts {site name: tensor} (or (inputs, outputs) pairs with io="in_to_out")
             whose rows come from the same tokens at every site.
         tokenizer: the tokenizer of a plain torch model (an nnsight model brings its own).
+        add_special_tokens: let the tokenizer add its special tokens (e.g. a BOS), as by default.
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class ActivationBuffer:
         *,
         submodules: Any = None,
         tokenizer: Any = None,
+        add_special_tokens: bool = True,
     ):
         _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype)
         if (submodule is None) == (submodules is None):
@@ -104,6 +106,7 @@ class ActivationBuffer:
         self.refresh_batch_size = refresh_batch_size
         self.out_batch_size = out_batch_size
         self.remove_bos = remove_bos
+        self.add_special_tokens = bool(add_special_tokens)
         if out_batch_size > self.capacity // 2:
             raise ValueError(
                 f"out_batch_size={out_batch_size} is more than half the buffer "
@@ -256,7 +259,7 @@ class ActivationBuffer:
             empty = torch.zeros(0, 0, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty}
         encoding = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
-                                  max_length=self.ctx_len)
+                                  max_length=self.ctx_len, add_special_tokens=self.add_special_tokens)
         return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
 
     # ------------------------------------------------------------------ collection
@@ -296,6 +299,7 @@ class ActivationBuffer:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             remove_bos=self.remove_bos,
+            add_special_tokens=self.add_special_tokens,
             seed=self.seed,
             backend=self.reader.backend,
         )

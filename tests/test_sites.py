@@ -169,3 +169,24 @@ def test_bad_sites_get_clear_errors(hf, lm):
         ActivationBuffer(iter([]), lm, submodules=[MLP0], d_submodule={MLP0: 16}, **buffer_kwargs())
     reader = site_reader(lm, [MLP0], "out")
     assert [site.path for site in reader.sites] == [MLP0]
+
+
+def test_the_reference_pytorch_buffer_name_builds_the_same_buffer(hf, lm, tmp_path):
+    """`dictionary_learning.pytorch_buffer.ActivationBuffer` takes the reference's arguments (and a
+    tokenizer from model.name_or_path) and serves what the nnsight buffer serves."""
+    from dictionary_learning.pytorch_buffer import ActivationBuffer as TorchBuffer
+
+    fresh_tokenizer().save_pretrained(tmp_path)
+    hf.name_or_path = str(tmp_path)  # where the reference's buffer loads the tokenizer from
+    texts = documents(12)
+    kwargs = buffer_kwargs()
+    seed = kwargs.pop("seed")
+    ours = TorchBuffer(iter(texts), hf, hf.get_submodule(MLP0), None, "out", kwargs["n_ctxs"], kwargs["ctx_len"],
+                       kwargs["refresh_batch_size"], kwargs["out_batch_size"], "cpu", False, True, seed=seed)
+    assert ours.reader.backend == "torch" and ours.d_submodule == 32
+    reference = ActivationBuffer(iter(texts), lm, MLP0, **buffer_kwargs())
+    assert all(torch.equal(a, b) for a, b in zip(drain(ours), drain(reference), strict=True))
+    with pytest.raises(ValueError, match="max_activation_norm_multiple"):
+        TorchBuffer(iter(texts), hf, MLP0, max_activation_norm_multiple=10, tokenizer=fresh_tokenizer())
+    unspecial = ActivationBuffer(iter([]), lm, MLP0, add_special_tokens=False, **buffer_kwargs())
+    assert unspecial.config["add_special_tokens"] is False
