@@ -102,15 +102,7 @@ class SiteReader:
             if wanted <= seen.keys():
                 raise _StopForward
 
-        handles = self._hooks(record, stop_after=None)
-        try:
-            with torch.inference_mode():
-                self._run_torch(encoding)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        self._run_hooked(encoding, record, stop_after=None)
         missing = [f"{path} ({io}put)" for path, io in self._read_keys() if (path, io) not in seen]
         if missing:
             raise ValueError(
@@ -126,10 +118,20 @@ class SiteReader:
                 )
         return order, seen
 
-    def _run_torch(self, encoding: Mapping[str, torch.Tensor]) -> None:
+    def _run_hooked(self, encoding: Mapping[str, torch.Tensor], record, stop_after: tuple[str, str] | None) -> None:
+        """One forward pass of the torch module with `_hooks(record, stop_after)` in place; a hook
+        that raises _StopForward ends it early. The hooks are removed in every case."""
         module = self.torch_module
         device = _module_device(module)
-        module(**{k: v.to(device) for k, v in encoding.items()})
+        handles = self._hooks(record, stop_after)
+        try:
+            with torch.inference_mode():
+                module(**{k: v.to(device) for k, v in encoding.items()})
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _hooks(self, record: Callable[[tuple[str, str], Any], None], stop_after: tuple[str, str] | None) -> list:
         """Torch hooks on every site's module that pass (path, io) and the activation to `record`;
@@ -161,15 +163,7 @@ class SiteReader:
             got = dict(zip(in_order, self._read_nnsight(encoding, in_order)))
         else:
             got = {}
-            handles = self._hooks(lambda key, value: got.setdefault(key, value), stop_after=in_order[-1])
-            try:
-                with torch.inference_mode():
-                    self._run_torch(encoding)
-            except _StopForward:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
+            self._run_hooked(encoding, lambda key, value: got.setdefault(key, value), stop_after=in_order[-1])
         batch, length = encoding["input_ids"].shape
         acts = [got[key] for key in keys]
         for (path, io), act in zip(keys, acts):

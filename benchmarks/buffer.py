@@ -265,6 +265,20 @@ def per_row_memory(probe: Callable[[int], dict], rows: int) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------
 
 
+def run_memory_probe(script: str, model_dir: str, dtype_name: str, rows: int, config: dict, texts: list[str],
+                     tmp: Path, threads: int) -> dict:
+    """`script --memory-probe model_dir dtype_name` in a fresh process (allocator thresholds of
+    MEMORY_PROBE_ENV) for a buffer of `rows` rows; its JSON result."""
+    probe_config = tmp / "probe.json"
+    probe_config.write_text(json.dumps({**config, "memory_rows": rows, "texts": texts[:200]}))
+    cmd = [sys.executable, script, "--memory-probe", model_dir, dtype_name, "--probe-config", str(probe_config),
+           "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MEMORY_PROBE_ENV})
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def reference_side(config: dict, tensors: dict) -> dict:
     from dictionary_learning.buffer import ActivationBuffer as ReferenceBuffer
     from nnsight import LanguageModel
@@ -438,18 +452,11 @@ def main() -> None:
             print(f"  {spec['name']}: bare {rates['bare']['act_per_s']:.0f}/s, ours {rates['ours']['act_per_s']:.0f}/s",
                   flush=True)
 
-            def our_probe(dtype_name: str, rows: int) -> dict:
-                probe_config = Path(tmp) / "probe.json"
-                probe_config.write_text(json.dumps({**config, "memory_rows": rows, "texts": texts[:200]}))
-                cmd = [sys.executable, __file__, "--memory-probe", spec["dir"], dtype_name, "--probe-config",
-                       str(probe_config), "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MEMORY_PROBE_ENV})
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr.strip().splitlines()[-1])
-                return json.loads(proc.stdout.strip().splitlines()[-1])
-
-            row["memory"] = {name: per_row_memory(lambda rows, n=name: our_probe(n, rows), config["memory_rows"])
-                             for name in DTYPES}
+            row["memory"] = {
+                name: per_row_memory(lambda rows, n=name: run_memory_probe(__file__, spec["dir"], n, rows, config, texts,
+                                                                           Path(tmp), args.threads),
+                                     config["memory_rows"])
+                for name in DTYPES}
 
             if args.reference:
                 ref_config = {**config, "model_dir": spec["dir"], "texts": texts}

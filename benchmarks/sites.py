@@ -29,9 +29,6 @@ of one site (the pure storage cost is d × itemsize).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -39,8 +36,8 @@ from typing import Iterator
 import torch
 
 import _common
-from buffer import (DTYPES, MEMORY_PROBE_ENV, _StopForward, endless, interleaved_rates, load_hf, memory_of,
-                    per_row_memory, prepare_models)
+from buffer import (DTYPES, _StopForward, endless, interleaved_rates, load_hf, memory_of, per_row_memory,
+                    prepare_models, run_memory_probe)
 
 LAYERS = 4
 
@@ -196,17 +193,9 @@ def main() -> None:
             print(f"  {spec['name']}: " + ", ".join(f"{k} {_common.fmt(v)}" for k, v in entry.items()
                                                      if k not in ("model",)), flush=True)
 
-            def probe(dtype_name: str, rows: int) -> dict:
-                probe_config = Path(tmp) / "probe.json"
-                probe_config.write_text(json.dumps({**config, "memory_rows": rows, "texts": texts[:200]}))
-                cmd = [sys.executable, __file__, "--memory-probe", spec["dir"], dtype_name, "--probe-config",
-                       str(probe_config), "--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MEMORY_PROBE_ENV})
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr.strip().splitlines()[-1])
-                return json.loads(proc.stdout.strip().splitlines()[-1])
-
-            memory = {name: per_row_memory(lambda rows, n=name: probe(n, rows), config["memory_rows"])
+            memory = {name: per_row_memory(lambda rows, n=name: run_memory_probe(__file__, spec["dir"], n, rows, config,
+                                                                                 texts, Path(tmp), args.threads),
+                                           config["memory_rows"])
                       for name in DTYPES}
             for dtype_name, mem in memory.items():
                 memory_table.append({

@@ -181,3 +181,15 @@ def match_rows(rows: torch.Tensor, reference: torch.Tensor, tol: float = 1e-4) -
         assert close.any(1).all(), f"rows without a reference match (min dist {dist.min(1).values.max():.2e})"
         ids[start : start + 512] = close.int().argmax(1)
     return ids
+
+
+def for_recipe(trainer_class, batches: list[torch.Tensor]) -> list:
+    """`batches` [N, D] as `trainer_class` trains on them: a transcoder recipe learns (x, y) pairs,
+    here y = ReLU(x) P for a fixed random P [D, D] (a module's input and output)."""
+    from dictionary_learning.trainers.families import TranscoderFamilyConfig
+
+    if not issubclass(trainer_class.Config, TranscoderFamilyConfig):
+        return batches
+    width = batches[0].shape[-1]
+    mixing = torch.randn(width, width, generator=torch.Generator().manual_seed(99)) / width**0.5
+    return [(x, x.relu() @ mixing) for x in batches]

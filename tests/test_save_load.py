@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from dictionary_learning import dictionary as dictionary_module
 from dictionary_learning.registry import dictionary_class
 from dictionary_learning.trainers import get_trainer_class, trainer_names
-from dictionary_learning.trainers.families import TranscoderFamilyConfig
 from dictionary_learning.training import build_trainer, trainSAE
 from dictionary_learning.utils import get_nested_folders, load_dictionary
+
+from lm_fixtures import for_recipe
 
 D, F_ = 8, 32
 K = 3
@@ -96,19 +97,10 @@ def _trainer_config(name):
     return config
 
 
-def for_recipe(name, batches):
-    """`batches` as the recipe trains on them: a transcoder learns (x, y) pairs, here y = ReLU(x) P
-    for a fixed random P (a module's input and output)."""
-    if not issubclass(get_trainer_class(name).Config, TranscoderFamilyConfig):
-        return batches
-    mixing = torch.randn(D, D, generator=torch.Generator().manual_seed(99)) / D**0.5
-    return [(x, x.relu() @ mixing) for x in batches]
-
-
 @pytest.mark.parametrize("name", trainer_names())
 def test_trained_folder_round_trips_weights_and_config(tmp_path, name):
     g = torch.Generator().manual_seed(0)
-    batches = for_recipe(name, [torch.randn(32, D, generator=g) for _ in range(6)])
+    batches = for_recipe(get_trainer_class(name), [torch.randn(32, D, generator=g) for _ in range(6)])
     (dictionary,) = trainSAE(batches, trainer_configs=[_trainer_config(name)], steps=6, save_dir=tmp_path,
                              save_steps=[3], log_steps=2, progress=False)
     folder = tmp_path / "trainer_0"

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
-from dictionary_learning.trainers.families import TranscoderFamilyConfig
 from dictionary_learning.trainers import get_trainer_class, trainer_names
 from dictionary_learning.trainers.standard import StandardTrainer
 from dictionary_learning.training import STATE_FILE, trainSAE
 from dictionary_learning.utils import load_dictionary
+
+from lm_fixtures import for_recipe
 
 D, F_ = 8, 32
 
@@ -46,15 +47,6 @@ def make_batches(n, batch=32, seed=0):
         codes = torch.rand(batch, 24, generator=g) * (torch.rand(batch, 24, generator=g) < 0.15)
         batches.append(codes @ features * 3 + 0.05 * torch.randn(batch, D, generator=g))
     return batches
-
-
-def for_recipe(name, batches):
-    """`batches` as the recipe trains on them: a transcoder learns (x, y) pairs, here y = ReLU(x) P
-    for a fixed random P (a module's input and output)."""
-    if not issubclass(get_trainer_class(name).Config, TranscoderFamilyConfig):
-        return batches
-    mixing = torch.randn(D, D, generator=torch.Generator().manual_seed(99)) / D**0.5
-    return [(x, x.relu() @ mixing) for x in batches]
 
 
 def recipe_config(name, **overrides):
@@ -199,7 +191,7 @@ def saved_dictionary(folder):
 @pytest.mark.parametrize("name", trainer_names())
 def test_crashed_run_resumes_exactly(tmp_path, name):
     n1, n2 = 11, 24
-    batches = for_recipe(name, make_batches(n2, seed=2))
+    batches = for_recipe(get_trainer_class(name), make_batches(n2, seed=2))
     configs = [recipe_config(name)]
     kwargs = dict(trainer_configs=configs, steps=n2, save_steps=[n1], log_steps=2, progress=False)
     full = trainSAE(Stream(batches), save_dir=tmp_path / "full", **kwargs)

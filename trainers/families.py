@@ -41,6 +41,21 @@ TOPK_ADAM_EPS = 6.25e-10
 TOPK_DECAY_FRACTION = 0.2  # linear LR decay over the last 20% of the steps when decay_start is None
 
 
+class TopKSchedule:
+    """Gao et al.'s learning-rate schedule, for trainers with a `cfg`: LR 2e-4 / √(F / 2¹⁴) by default,
+    linear warmup over `warmup_steps`, linear decay to 0 over the last 20% of the steps unless
+    `decay_start` says otherwise."""
+
+    def default_learning_rate(self) -> float:
+        return 2e-4 / math.sqrt(self.cfg.dict_size / 2**14)
+
+    def lr_multiplier(self, step: int) -> float:
+        decay_start = self.cfg.decay_start
+        if decay_start is None and self.cfg.steps is not None:
+            decay_start = int(self.cfg.steps * (1 - TOPK_DECAY_FRACTION))
+        return lr_multiplier(step, self.cfg.warmup_steps, decay_start, self.cfg.steps)
+
+
 @torch.no_grad()
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """argmin_y Σ_i ‖p_i − y‖ for points [N, D], by Weiszfeld's iterations
@@ -132,7 +147,7 @@ class TopKFamilyConfig(TrainerConfig):
     """clip the global gradient norm to this (None: no clipping)."""
 
 
-class TopKFamilyTrainer(SAETrainer):
+class TopKFamilyTrainer(TopKSchedule, SAETrainer):
     """Gao et al.'s method around a top-k selection (the dictionary's `select`).
 
         L = (1/N) Σ_n ‖x_n − x̂_n‖²  +  α · L_aux        (AuxK on latents dead for `dead_tokens_threshold` tokens)
@@ -189,15 +204,6 @@ class TopKFamilyTrainer(SAETrainer):
         """(loss, residual x − x̂ [N, D], extra metrics) for x [N, D] and its features."""
         residual = x - (kernels.sparse_decode(codes, self.ae.W_dec) + self.ae.b_dec)
         return residual.pow(2).sum(dim=-1).mean(), residual, {}
-
-    def default_learning_rate(self) -> float:
-        return 2e-4 / math.sqrt(self.cfg.dict_size / 2**14)
-
-    def lr_multiplier(self, step: int) -> float:
-        decay_start = self.cfg.decay_start
-        if decay_start is None and self.cfg.steps is not None:
-            decay_start = int(self.cfg.steps * (1 - TOPK_DECAY_FRACTION))
-        return lr_multiplier(step, self.cfg.warmup_steps, decay_start, self.cfg.steps)
 
     def training_codes(self, x: torch.Tensor) -> tuple[SparseCodes, torch.Tensor, torch.Tensor]:
         """(codes, π [N, F], x − b_dec [N, D]) for x [N, D]: the selection, with values

@@ -13,14 +13,12 @@ The decode is an embedding-bag sum over the k kept latents of each token (kernel
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .. import kernels
 from ..dictionary import TopKTranscoder
-from .base import ConstrainedAdam, LossOutput, lr_multiplier
-from .families import TOPK_ADAM_BETAS, TOPK_ADAM_EPS, TOPK_DECAY_FRACTION, TranscoderFamilyConfig, \
-    TranscoderFamilyTrainer
+from .base import ConstrainedAdam, LossOutput
+from .families import TOPK_ADAM_BETAS, TOPK_ADAM_EPS, TopKSchedule, TranscoderFamilyConfig, TranscoderFamilyTrainer
 
 
 @dataclass
@@ -29,7 +27,7 @@ class TopKTranscoderTrainerConfig(TranscoderFamilyConfig):
     """active latents per token."""
 
 
-class TopKTranscoderTrainer(TranscoderFamilyTrainer):
+class TopKTranscoderTrainer(TopKSchedule, TranscoderFamilyTrainer):
     Config = TopKTranscoderTrainerConfig
     dictionary_class = TopKTranscoder
 
@@ -40,15 +38,6 @@ class TopKTranscoderTrainer(TranscoderFamilyTrainer):
         self.ae = self.build_dictionary(config.k, **self.dictionary_arguments())
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.W_dec], lr=self.lr, betas=TOPK_ADAM_BETAS,
                                          eps=TOPK_ADAM_EPS)
-
-    def default_learning_rate(self) -> float:
-        return 2e-4 / math.sqrt(self.cfg.dict_size / 2**14)
-
-    def lr_multiplier(self, step: int) -> float:
-        decay_start = self.cfg.decay_start
-        if decay_start is None and self.cfg.steps is not None:
-            decay_start = int(self.cfg.steps * (1 - TOPK_DECAY_FRACTION))
-        return lr_multiplier(step, self.cfg.warmup_steps, decay_start, self.cfg.steps)
 
     def loss(self, batch, step: int) -> LossOutput:
         x, y = self.pair(batch)
