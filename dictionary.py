@@ -33,7 +33,8 @@ from .files import load_state_dict
 from .kernels import GatedEncode, SparseCodes
 
 __all__ = ["Dictionary", "AutoEncoder", "IdentityDict", "GatedAutoEncoder", "AutoEncoderTopK", "BatchTopKSAE",
-           "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "Transcoder", "TopKTranscoder", "SavedAs"]
+           "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "Transcoder", "TopKTranscoder", "JumpReluTranscoder",
+           "SavedAs"]
 
 
 class SavedAs(NamedTuple):
@@ -651,3 +652,26 @@ class TopKTranscoder(Transcoder):
         if not output_features:
             return y_hat
         return y_hat, codes.to_dense(self.dict_size).reshape(*x.shape[:-1], self.dict_size)
+
+
+class JumpReluTranscoder(Transcoder):
+    """A JumpReLU transcoder (as Gemma Scope's transcoders and SAELens' jumprelu_transcoder): one
+    threshold θ_i ≥ 0 per latent,
+
+        π = x W_enc + b_enc,   f = ReLU(π) ⊙ H(π − θ),   ŷ = f W_dec + b_dec  (+ x W_skipᵀ)
+
+    θ is the trained parameter, saved under `threshold` [F].
+    """
+
+    scales_with_input = ("b_enc", "b_dec", "threshold")
+
+    def __init__(self, activation_dim: int, dict_size: int, output_dim: int | None = None, skip: bool = False,
+                 initial_threshold: float = 0.001, *, generator: torch.Generator | None = None):
+        if not initial_threshold > 0:
+            raise ValueError(f"initial_threshold must be positive, got {initial_threshold}")
+        super().__init__(activation_dim, dict_size, output_dim, skip, generator=generator)
+        self.threshold = nn.Parameter(torch.full((dict_size,), float(initial_threshold)))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        return pre.relu() * (pre > self.threshold)

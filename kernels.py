@@ -13,6 +13,8 @@ direction per row), b_dec [D]; π = (x − b_in) W_enc + b_enc the pre-activatio
 - `auxk_loss`: AuxK (Gao et al. 2024) on the dead latents, sparsely.
 - `GatedEncode`: both paths of a gated SAE in one autograd Function.
 - `lp_sparsity`: Σ_i f_i^p for dense or sparse features.
+- `JumpReLUFunction`, `StepFunction`: JumpReLU_θ(z) and H(z − θ) with the straight-through
+  pseudo-derivatives in θ of Rajamanoharan et al. 2024 (rectangle kernel of width ε).
 
 Dense or sparse: above `DENSE_DECODE_DENSITY` of the N·F entries a dense matmul is cheaper on CPU
 than a sparse sum. `prefers_dense` reads the constant at call time, so a test can patch it here.
@@ -340,3 +342,49 @@ def lp_sparsity(f: torch.Tensor | SparseCodes, p: float, kind: str = "Lp^p") -> 
     if not per_entry_sum:
         per_token = per_token.pow(1.0 / p)
     return per_token.mean()
+
+
+# =============================================================================================
+# JumpReLU's straight-through estimators
+# =============================================================================================
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """K(u) = 1[−1/2 < u < 1/2]."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """JumpReLU_θ(z) = z ⊙ H(z − θ) with the pseudo-derivative −(θ/ε) K((z − θ)/ε) in θ
+    (θ broadcasts against z; its gradient is summed back to θ's shape)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, threshold = ctx.saved_tensors
+        bandwidth = ctx.bandwidth
+        grad_z = grad * (z > threshold)
+        grad_threshold = -(threshold / bandwidth) * rectangle((z - threshold) / bandwidth) * grad
+        return grad_z, grad_threshold.sum_to_size(threshold.shape), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(z − θ) with the pseudo-derivative −(1/ε) K((z − θ)/ε) in θ and none in z."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, threshold = ctx.saved_tensors
+        bandwidth = ctx.bandwidth
+        grad_threshold = -(1.0 / bandwidth) * rectangle((z - threshold) / bandwidth) * grad
+        return None, grad_threshold.sum_to_size(threshold.shape), None

@@ -21,6 +21,7 @@ from .dictionary import (
     Dictionary,
     GatedAutoEncoder,
     JumpReluAutoEncoder,
+    JumpReluTranscoder,
     MatryoshkaBatchTopKSAE,
     TopKTranscoder,
     Transcoder,
@@ -107,6 +108,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         TopKTranscoder,
         recipes={"TopKTranscoderTrainer": "top_k_transcoder"},
+        saved_keys=frozenset(), saelens=None, centres_input=False,
+    ),
+    Architecture(
+        JumpReluTranscoder,
+        recipes={"JumpReluTranscoderTrainer": "jumprelu_transcoder"},
         saved_keys=frozenset(), saelens=None, centres_input=False,
     ),
 )

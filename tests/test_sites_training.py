@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dictionary_learning import ActivationBuffer, trainSAE
-from dictionary_learning.dictionary import TopKTranscoder, Transcoder
+from dictionary_learning.dictionary import JumpReluTranscoder, TopKTranscoder, Transcoder
 from dictionary_learning.evaluation import evaluate, evaluate_sweep, format_table, fvu, loss_recovered
 
 from lm_fixtures import documents, tiny_gpt_neox, wrap
@@ -100,25 +100,31 @@ def sparse_map(n_batches, batch=256, d_in=16, d_out=12, n_features=24, seed=0):
     return pairs
 
 
-@pytest.mark.parametrize("recipe", ["TranscoderTrainer", "TopKTranscoderTrainer"])
+@pytest.mark.parametrize("recipe", ["TranscoderTrainer", "TopKTranscoderTrainer", "JumpReluTranscoderTrainer"])
 def test_transcoders_learn_a_sparse_map_from_inputs_to_outputs(recipe):
     pairs = sparse_map(400)
     config = {"trainer": recipe, "activation_dim": 16, "output_dim": 12, "dict_size": 48, "warmup_steps": 20,
               "seed": 0}
-    config.update({"k": 4, "lr": 1e-2} if recipe == "TopKTranscoderTrainer" else {"sparsity_penalty": 0.1, "lr": 3e-3})
+    config.update({"TopKTranscoderTrainer": {"k": 4, "lr": 1e-2},
+                   "TranscoderTrainer": {"sparsity_penalty": 0.1, "lr": 3e-3},
+                   "JumpReluTranscoderTrainer": {"sparsity_penalty": 1e-2, "lr": 3e-3, "sparsity_warmup_steps": 50,
+                                                 "bandwidth": 0.01, "initial_threshold": 0.01}}[recipe])
     (transcoder,) = trainSAE(pairs[:350], trainer_configs=[config], progress=False)
     x, y = (torch.cat(part) for part in zip(*pairs[350:]))
     with torch.no_grad():
         y_hat, f = transcoder(x, output_features=True)
     assert y_hat.shape == y.shape and f.shape == (len(x), 48)
-    assert fvu(y, y_hat) < (0.15 if recipe == "TopKTranscoderTrainer" else 0.25)  # an L1 penalty trades fit away
+    assert fvu(y, y_hat) < (0.15 if recipe == "TopKTranscoderTrainer" else 0.25)  # a penalty trades fit away
     metrics = evaluate(transcoder, iter(pairs[350:]), n_batches=50)
     assert abs((1 - metrics["frac_variance_explained"]) - fvu(y, y_hat)) < 1e-4  # scored against y, not x
     if recipe == "TopKTranscoderTrainer":
         assert isinstance(transcoder, TopKTranscoder)
         assert bool(((f > 0).sum(-1) <= 4).all()) and float((f > 0).sum(-1).float().mean()) > 3
-    else:
+    elif recipe == "TranscoderTrainer":
         assert type(transcoder) is Transcoder and float((f > 0).sum(-1).float().mean()) < 10
+    else:  # the L0 penalty: few latents above their thresholds, and the thresholds were trained
+        assert isinstance(transcoder, JumpReluTranscoder) and float((f > 0).sum(-1).float().mean()) < 10
+        assert float(transcoder.threshold.min()) >= 0 and float(transcoder.threshold.std()) > 0
 
 
 def test_the_skip_connection_learns_the_linear_part():

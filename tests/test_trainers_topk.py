@@ -27,12 +27,8 @@ from dictionary_learning.synthetic import (
 )
 from dictionary_learning.training import build_trainer, trainSAE
 from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer, BatchTopKTrainerConfig
-from dictionary_learning.trainers.jumprelu import (
-    JumpReluTrainer,
-    JumpReluTrainerConfig,
-    JumpReLUFunction,
-    StepFunction,
-)
+from dictionary_learning.kernels import JumpReLUFunction, StepFunction
+from dictionary_learning.trainers.jumprelu import JumpReluTrainer, JumpReluTrainerConfig
 from dictionary_learning.trainers.matryoshka_batch_top_k import (
     MatryoshkaBatchTopKTrainer,
     MatryoshkaBatchTopKTrainerConfig,

@@ -7,8 +7,10 @@
   losses, for any sparsity penalty on the gate path;
 - p-annealing (p_anneal.py, gated_anneal.py): the Lp penalty whose exponent p shrinks during
   training, with λ rescaled at each change;
-- transcoders (transcoder.py, top_k_transcoder.py): batches of (input, output) pairs, the output
-  width, the skip connection, b_dec at the mean output.
+- the JumpReLU family (jumprelu.py, jumprelu_transcoder.py): per-latent thresholds trained through
+  straight-through estimators, the L0 penalty, the sparse implementation;
+- transcoders (transcoder.py, top_k_transcoder.py, jumprelu_transcoder.py): batches of (input,
+  output) pairs, the output width, the skip connection, b_dec at the mean output.
 """
 from __future__ import annotations
 
@@ -554,6 +556,96 @@ class AnnealedSparsity:
 
     def load_extra_state(self, state: dict) -> None:
         self.anneal.load_state_dict(state["anneal"])
+
+
+# =============================================================================================
+# The JumpReLU family (Rajamanoharan et al. 2024, "Jumping Ahead"; the method: jumprelu.py)
+# =============================================================================================
+
+JUMPRELU_ADAM_BETAS = (0.0, 0.999)
+JUMPRELU_ADAM_EPS = 1e-8
+
+
+@dataclass
+class JumpReluFamilyConfig(TrainerConfig):
+    sparsity_penalty: float = 1.0
+    """λ, the weight of the L0 penalty."""
+    target_l0: float | None = None
+    """None: the penalty is λ · L0 (the paper's); T: λ · (L0/T − 1)²."""
+    bandwidth: float = 0.001
+    """ε, the width of the straight-through estimators' kernel."""
+    initial_threshold: float = 0.001
+    """θ at initialisation."""
+    sparsity_warmup_steps: int | None = 10_000
+    """λ warms up linearly from 0 over these steps."""
+
+
+class JumpReluFamilyTrainer(SAETrainer):
+    """Builds the dictionary (with θ = `initial_threshold`) and ConstrainedAdam (β = (0, 0.999),
+    ε = 1e-8, LR 7e-5 by default); `jump_relu_decode` gives f W_dec of a batch with the estimators'
+    gradients, `sparsity_loss` the L0 penalty; θ is kept ≥ 0 after each step."""
+
+    default_lr = 7e-5
+
+    def __init__(self, config: JumpReluFamilyConfig):
+        super().__init__(config)
+        name = type(self).__name__
+        if config.sparsity_penalty < 0:
+            raise ValueError(f"{name}: sparsity_penalty (λ) must be >= 0, got {config.sparsity_penalty}")
+        if config.target_l0 is not None and not config.target_l0 > 0:
+            raise ValueError(f"{name}: target_l0 must be positive or None, got {config.target_l0}")
+        if not config.bandwidth > 0:
+            raise ValueError(f"{name}: bandwidth (ε) must be positive, got {config.bandwidth}")
+        warmup = config.sparsity_warmup_steps
+        if warmup is not None and config.steps is not None and warmup > config.steps:
+            warnings.warn(
+                f"{name}: sparsity_warmup_steps={warmup} > steps={config.steps}, so λ never "
+                "reaches its full value; lower sparsity_warmup_steps",
+                stacklevel=3,
+            )
+        self.ae = self.build_dictionary(initial_threshold=config.initial_threshold, **self.dictionary_arguments())
+        self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.W_dec], lr=self.lr, betas=JUMPRELU_ADAM_BETAS,
+                                         eps=JUMPRELU_ADAM_EPS)
+
+    def dictionary_arguments(self) -> dict:
+        return {}
+
+    def jump_relu_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Features]:
+        """(f W_dec [N, D_out] without b_dec, the batch's mean L0 (differentiable in θ), f detached)
+        for inputs x [N, D].
+
+        π is one dense matmul without autograd; only entries with π > θ − ε can have a nonzero
+        value or gradient (active, or inside the kernel's window), so they are gathered once
+        (kernels.gather_preactivations, sparse encoder backward) and decoded sparsely. While they
+        are a large share of the N·F entries (early in training, when θ is small), dense matmuls
+        are cheaper and are used instead (kernels.attach_encoder_gradient)."""
+        ae, bandwidth = self.ae, self.cfg.bandwidth
+        n_tokens = x.shape[0]
+        threshold = ae.threshold  # [F]
+        with torch.no_grad():
+            pre = torch.addmm(ae.b_enc, x, ae.W_enc)  # π [N, F]
+            in_window = pre > threshold - bandwidth
+            n_entries = int(in_window.sum())
+        if kernels.prefers_dense(n_entries, n_tokens, self.cfg.dict_size):
+            z = kernels.attach_encoder_gradient(pre, x, ae.W_enc, ae.b_enc, None)  # [N, F]
+            f = kernels.JumpReLUFunction.apply(z, threshold, bandwidth)
+            l0 = kernels.StepFunction.apply(z, threshold, bandwidth).sum() / n_tokens
+            return f @ ae.W_dec, l0, f.detach()
+        rows, columns = in_window.nonzero(as_tuple=True)
+        z = kernels.gather_preactivations(pre, x, ae.W_enc, ae.b_enc, None, rows, columns)  # [M]
+        entry_threshold = threshold.index_select(0, columns)  # [M]
+        codes = SparseCodes(kernels.JumpReLUFunction.apply(z, entry_threshold, bandwidth), rows, columns, n_tokens)
+        l0 = kernels.StepFunction.apply(z, entry_threshold, bandwidth).sum() / n_tokens
+        return kernels.sparse_decode(codes, ae.W_dec), l0, codes.detached()
+
+    def sparsity_loss(self, l0: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ(t) · S, S) with S = L0, or (L0/T − 1)² with a target T."""
+        sparsity = l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1).pow(2)
+        return self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * sparsity, sparsity
+
+    def after_optimizer_step(self, step: int, x) -> None:
+        with torch.no_grad():
+            self.ae.threshold.clamp_(min=0.0)
 
 
 # =============================================================================================

@@ -30,147 +30,38 @@ Initialisation: decoder rows unit-norm random directions, W_enc = W_decᵀ, b_en
 θ = 0.001. Decoder rows stay at unit norm (gradient projection + renormalisation). Adam with
 β = (0, 0.999), ε = 1e-8; LR 7e-5 by default (the paper's), with the base warmup/decay schedule.
 
-Implementation: π is one dense matmul without autograd; only entries with π > θ − ε can have a
-nonzero value or gradient (active, or inside the kernel's window), so they are gathered once
-(kernels.gather_preactivations, sparse encoder backward) and decoded sparsely
-(kernels.sparse_decode). While they are a large share of the N·F entries (early in training, when
-θ is small), dense matmuls are cheaper and are used instead (kernels.attach_encoder_gradient).
+The thresholds, the estimators, the L0 penalty and the sparse implementation are the JumpReLU
+family's (families.JumpReluFamilyTrainer, kernels.JumpReLUFunction / StepFunction), shared with the
+JumpReLU transcoder.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .. import kernels
 from ..dictionary import JumpReluAutoEncoder
-from ..kernels import SparseCodes
-from .base import ConstrainedAdam, LossOutput, SAETrainer, TrainerConfig, sparsity_multiplier
-
-ADAM_BETAS = (0.0, 0.999)
-ADAM_EPS = 1e-8
-
-
-def rectangle(u: torch.Tensor) -> torch.Tensor:
-    """K(u) = 1[−1/2 < u < 1/2]."""
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class JumpReLUFunction(torch.autograd.Function):
-    """JumpReLU_θ(z) = z ⊙ H(z − θ) with the pseudo-derivative −(θ/ε) K((z − θ)/ε) in θ
-    (θ broadcasts against z; its gradient is summed back to θ's shape)."""
-
-    @staticmethod
-    def forward(ctx, z, threshold, bandwidth: float):
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
-        return z * (z > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, threshold = ctx.saved_tensors
-        bandwidth = ctx.bandwidth
-        grad_z = grad * (z > threshold)
-        grad_threshold = -(threshold / bandwidth) * rectangle((z - threshold) / bandwidth) * grad
-        return grad_z, grad_threshold.sum_to_size(threshold.shape), None
-
-
-class StepFunction(torch.autograd.Function):
-    """H(z − θ) with the pseudo-derivative −(1/ε) K((z − θ)/ε) in θ and none in z."""
-
-    @staticmethod
-    def forward(ctx, z, threshold, bandwidth: float):
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
-        return (z > threshold).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, threshold = ctx.saved_tensors
-        bandwidth = ctx.bandwidth
-        grad_threshold = -(1.0 / bandwidth) * rectangle((z - threshold) / bandwidth) * grad
-        return None, grad_threshold.sum_to_size(threshold.shape), None
-
+from .base import LossOutput
+from .families import JumpReluFamilyConfig, JumpReluFamilyTrainer
 
 @dataclass
-class JumpReluTrainerConfig(TrainerConfig):
-    sparsity_penalty: float = 1.0
-    """λ, the weight of the L0 penalty."""
-    target_l0: float | None = None
-    """None: the penalty is λ · L0 (the paper's); T: λ · (L0/T − 1)²."""
-    bandwidth: float = 0.001
-    """ε, the width of the straight-through estimators' kernel."""
-    initial_threshold: float = 0.001
-    """θ at initialisation."""
-    sparsity_warmup_steps: int | None = 10_000
-    """λ warms up linearly from 0 over these steps."""
+class JumpReluTrainerConfig(JumpReluFamilyConfig):
+    """The JumpReLU family's fields: λ (`sparsity_penalty`), `target_l0`, ε (`bandwidth`), θ's
+    initial value and λ's warmup."""
 
 
-class JumpReluTrainer(SAETrainer):
+class JumpReluTrainer(JumpReluFamilyTrainer):
     """Trains a JumpReluAutoEncoder (see the module docstring for the method)."""
 
     Config = JumpReluTrainerConfig
     dictionary_class = JumpReluAutoEncoder
-    default_lr = 7e-5
-
-    def __init__(self, config: JumpReluTrainerConfig):
-        super().__init__(config)
-        if config.sparsity_penalty < 0:
-            raise ValueError(f"JumpReluTrainer: sparsity_penalty (λ) must be >= 0, got {config.sparsity_penalty}")
-        if config.target_l0 is not None and not config.target_l0 > 0:
-            raise ValueError(f"JumpReluTrainer: target_l0 must be positive or None, got {config.target_l0}")
-        if not config.bandwidth > 0:
-            raise ValueError(f"JumpReluTrainer: bandwidth (ε) must be positive, got {config.bandwidth}")
-        warmup = config.sparsity_warmup_steps
-        if warmup is not None and config.steps is not None and warmup > config.steps:
-            warnings.warn(
-                f"JumpReluTrainer: sparsity_warmup_steps={warmup} > steps={config.steps}, so λ never "
-                "reaches its full value; lower sparsity_warmup_steps",
-                stacklevel=2,
-            )
-        self.ae = self.build_dictionary(initial_threshold=config.initial_threshold)
-        self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.W_dec], lr=self.lr, betas=ADAM_BETAS,
-                                         eps=ADAM_EPS)
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
-        ae, bandwidth = self.ae, self.cfg.bandwidth
         x = x.reshape(-1, self.cfg.activation_dim)
-        n_tokens = x.shape[0]
-        threshold = ae.threshold  # [F]
-        with torch.no_grad():
-            pre = torch.addmm(ae.b_enc, x, ae.W_enc)  # π [N, F]
-            in_window = pre > threshold - bandwidth  # active, or with a nonzero θ-gradient
-            n_entries = int(in_window.sum())
-        if kernels.prefers_dense(n_entries, n_tokens, self.cfg.dict_size):  # e.g. early in training
-            z = kernels.attach_encoder_gradient(pre, x, ae.W_enc, ae.b_enc, None)  # [N, F]
-            f = JumpReLUFunction.apply(z, threshold, bandwidth)
-            x_hat = f @ ae.W_dec + ae.b_dec
-            l0 = StepFunction.apply(z, threshold, bandwidth).sum() / n_tokens
-            features = f.detach()
-        else:
-            rows, columns = in_window.nonzero(as_tuple=True)
-            z = kernels.gather_preactivations(pre, x, ae.W_enc, ae.b_enc, None, rows, columns)  # [M]
-            entry_threshold = threshold.index_select(0, columns)  # [M]
-            codes = SparseCodes(JumpReLUFunction.apply(z, entry_threshold, bandwidth), rows, columns, n_tokens)
-            x_hat = kernels.sparse_decode(codes, ae.W_dec) + ae.b_dec
-            l0 = StepFunction.apply(z, entry_threshold, bandwidth).sum() / n_tokens
-            features = codes.detached()
-        recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
-        if self.cfg.target_l0 is None:
-            sparsity = l0
-        else:
-            sparsity = (l0 / self.cfg.target_l0 - 1).pow(2)
-        penalty = self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps)
-        loss = recon_loss + penalty * sparsity
-        metrics = {
-            "mse_loss": recon_loss.detach(),
-            "sparsity_loss": sparsity.detach(),
-            "l0": l0.detach(),
-            "loss": loss.detach(),
-        }
+        decoded, l0, features = self.jump_relu_decode(x)
+        recon_loss = (x - (decoded + self.ae.b_dec)).pow(2).sum(dim=-1).mean()
+        penalty, sparsity = self.sparsity_loss(l0, step)
+        loss = recon_loss + penalty
+        metrics = {"mse_loss": recon_loss.detach(), "sparsity_loss": sparsity.detach(), "l0": l0.detach(),
+                   "loss": loss.detach()}
         return LossOutput(loss, features, metrics)
-
-    def after_optimizer_step(self, step: int, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.ae.threshold.clamp_(min=0.0)
