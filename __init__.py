@@ -21,7 +21,15 @@ from .dictionary import (
 )
 from .evaluation import MetricAccumulator, evaluate, evaluate_sweep, format_table, fvu, loss_recovered, tensor_metrics
 from .interop import load_dictionary, load_saelens, save_saelens
-from .synthetic import SyntheticActivations, dictionary_directions, fraction_recovered, mean_max_cosine_similarity
+from .synthetic import (
+    HierarchicalActivations,
+    SyntheticActivations,
+    dictionary_directions,
+    fraction_recovered,
+    ground_truth_scores,
+    mean_correlation_coefficient,
+    mean_max_cosine_similarity,
+)
 from .trainers.base import ConstrainedAdam
 from .training import trainSAE
 from .utils import hf_dataset_to_generator, keep_freed_cpu_memory, zst_to_generator
@@ -36,6 +44,7 @@ __all__ = [
     "ConstrainedAdam",
     "Dictionary",
     "GatedAutoEncoder",
+    "HierarchicalActivations",
     "IdentityDict",
     "JumpReluAutoEncoder",
     "JumpReluTranscoder",
@@ -50,12 +59,14 @@ __all__ = [
     "format_table",
     "fraction_recovered",
     "fvu",
+    "ground_truth_scores",
     "hf_dataset_to_generator",
     "keep_freed_cpu_memory",
     "load_bundled_model",
     "load_dictionary",
     "load_saelens",
     "loss_recovered",
+    "mean_correlation_coefficient",
     "mean_max_cosine_similarity",
     "save_saelens",
     "stdlib_text_stream",

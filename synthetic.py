@@ -405,3 +405,297 @@ def chance_max_cosine_similarity(
     cdf = torch.cat([theta.new_zeros(1), torch.cumsum((density[1:] + density[:-1]) / 2 * step, 0)])
     cdf = cdf / cdf[-1]
     return 1 - torch.trapezoid((1 - cdf) ** n_directions * theta.sin(), theta).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Realistic ground truth: feature hierarchies, correlated firing, per-feature magnitudes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HierarchicalConfig:
+    """Parameters of a hierarchical synthetic stream (`HierarchicalActivations`).
+
+    The features form `n_roots` trees of `depth` levels below each root, every node with
+    `branching` children, plus `n_independent` features outside any tree. Feature indices go level
+    by level: the roots [0, n_roots), then their children (child j of node i of a level follows its
+    siblings), ..., then the independent features.
+    """
+
+    activation_dim: int = 64
+    """D; with more features than D they are in superposition."""
+    n_roots: int = 32
+    """trees (top-level features)."""
+    branching: int = 3
+    """children of every node above the last level."""
+    depth: int = 2
+    """levels below each root (0: no children)."""
+    n_independent: int = 64
+    """top-level features without children."""
+    mean_active_top: float = 4.0
+    """expected number of active top-level features (roots and independent) per sample, before
+    the firing probabilities are clipped to [min_firing_probability, max_firing_probability]."""
+    zipf_exponent: float = 1.0
+    """top-level firing probabilities p_i ∝ 1/(i+1)^exponent (over roots and independent features
+    interleaved, so both kinds span the range)."""
+    min_firing_probability: float = 1e-3
+    max_firing_probability: float = 0.4
+    child_probability: float = 0.8
+    """probability that an active node activates one of its children; the children are mutually
+    exclusive (at most one fires), chosen uniformly."""
+    correlation_rank: int = 4
+    """rank of the shared factors that correlate the top-level features' firing (0: independent)."""
+    correlation_strength: float = 0.3
+    """share of each top-level feature's latent Gaussian variance carried by the shared factors."""
+    magnitude_mean_min: float = 0.5
+    magnitude_mean_max: float = 2.0
+    """each feature's mean magnitude is drawn log-uniformly from [min, max]."""
+    magnitude_cv: float = 0.25
+    """each feature's magnitude is |N(μ_i, (cv · μ_i)²)|."""
+    child_magnitude_relative: bool = True
+    """a child's magnitude is multiplied by its parent's (a child fires in proportion to it)."""
+    noise_std: float = 0.0
+    """isotropic Gaussian noise added to every sample."""
+    batch_size: int = 4096
+    seed: int = 0
+    """seeds the directions, probabilities, magnitudes and correlation factors."""
+    stream_seed: int | None = None
+    """seeds the sample stream; None: `seed`."""
+    device: str | torch.device = "cpu"
+
+    def __post_init__(self):
+        for name in ("activation_dim", "n_roots", "branching", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"HierarchicalConfig.{name} must be a positive int, got {value!r}.")
+        for name in ("depth", "n_independent", "correlation_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"HierarchicalConfig.{name} must be an int >= 0, got {value!r}.")
+        for name in ("child_probability", "correlation_strength"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"HierarchicalConfig.{name} must be in [0, 1], got {getattr(self, name)!r}.")
+        if not 0 < self.min_firing_probability <= self.max_firing_probability <= 1:
+            raise ValueError("HierarchicalConfig needs 0 < min_firing_probability <= max_firing_probability <= 1, "
+                             f"got {self.min_firing_probability} and {self.max_firing_probability}.")
+        if not 0 < self.magnitude_mean_min <= self.magnitude_mean_max or self.magnitude_cv < 0:
+            raise ValueError("HierarchicalConfig needs 0 < magnitude_mean_min <= magnitude_mean_max and "
+                             f"magnitude_cv >= 0, got {self.magnitude_mean_min}, {self.magnitude_mean_max}, "
+                             f"{self.magnitude_cv}.")
+        n_top = self.n_roots + self.n_independent
+        if not 0 < self.mean_active_top <= n_top:
+            raise ValueError(f"HierarchicalConfig.mean_active_top must be in (0, {n_top}], got {self.mean_active_top!r}.")
+        if self.noise_std < 0:
+            raise ValueError(f"HierarchicalConfig.noise_std must be >= 0, got {self.noise_std!r}.")
+
+    @property
+    def level_sizes(self) -> list[int]:
+        """Features per tree level: n_roots · branching^level."""
+        return [self.n_roots * self.branching**level for level in range(self.depth + 1)]
+
+    @property
+    def n_features(self) -> int:
+        return sum(self.level_sizes) + self.n_independent
+
+
+class HierarchicalActivations:
+    """An endless, seeded stream of activations [B, D] built from hierarchical features:
+
+        x = Σ_i a_i d_i + noise,
+
+    where the top-level features (roots and independent ones) fire when a latent Gaussian
+    z_i = √ρ (ε U)_i + √(1 − ρ) η_i falls below Φ⁻¹(p_i) (ε ~ N(0, I_r) shared by the sample,
+    U [r, T] with unit-norm columns, η_i independent): each fires with probability p_i, and
+    features loading on the same factors fire together. An active node activates at most one of
+    its children (with probability `child_probability`, uniformly among them), so children are
+    mutually exclusive and never fire without their parent. Magnitudes are |N(μ_i, (cv μ_i)²)|,
+    a child's times its parent's. Directions d_i are unit-norm Gaussian in R^D.
+
+    `next(stream)` gives a batch of `config.batch_size`; `sample(return_codes=True)` also returns the
+    codes [B, n_features] (a_i where active). The stream depends only on the config.
+    """
+
+    def __init__(self, config: HierarchicalConfig | None = None, **overrides):
+        if config is None:
+            config = HierarchicalConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either a HierarchicalConfig or keyword overrides, not both.")
+        self.config = cfg = config
+        self.device = torch.device(cfg.device)
+        g = torch.Generator().manual_seed(cfg.seed)
+        n, n_top = cfg.n_features, cfg.n_roots + cfg.n_independent
+        directions = torch.randn(n, cfg.activation_dim, generator=g)
+        self._features = (directions / directions.norm(dim=1, keepdim=True)).to(self.device)  # [n, D]
+        # top-level probabilities, interleaving roots and independent features in the Zipf order
+        zipf = zipf_firing_probabilities(n_top, cfg.mean_active_top, cfg.zipf_exponent)
+        order = torch.randperm(n_top, generator=g)
+        self._top_probs = zipf[order].clamp(cfg.min_firing_probability, cfg.max_firing_probability)  # [T] float64
+        self._top_index = torch.cat([torch.arange(cfg.n_roots), sum(cfg.level_sizes) + torch.arange(cfg.n_independent)])
+        log_min, log_max = math.log(cfg.magnitude_mean_min), math.log(cfg.magnitude_mean_max)
+        self._magnitude_means = torch.exp(log_min + (log_max - log_min) * torch.rand(n, generator=g)).to(self.device)
+        factors = torch.randn(cfg.correlation_rank, n_top, generator=g)
+        self._factors = (factors / factors.norm(dim=0, keepdim=True).clamp_min(1e-12)).to(self.device)  # [r, T]
+        self._thresholds = torch.special.ndtri(self._top_probs).float().to(self.device)  # Φ⁻¹(p) [T]
+        stream_seed = cfg.seed if cfg.stream_seed is None else cfg.stream_seed
+        self.generator = torch.Generator(device=self.device).manual_seed(stream_seed)
+
+    @property
+    def true_features(self) -> torch.Tensor:
+        """The true directions, unit-norm rows [n_features, D]. Do not modify in place."""
+        return self._features
+
+    @property
+    def parents(self) -> torch.Tensor:
+        """The parent of each feature (−1 for roots and independent features). [n_features] int64."""
+        cfg, parents = self.config, []
+        start = 0
+        for size in cfg.level_sizes:
+            if start == 0:
+                parents.append(torch.full((size,), -1))
+            else:
+                parents.append(previous_start + torch.arange(size) // cfg.branching)
+            previous_start, start = start, start + size
+        parents.append(torch.full((cfg.n_independent,), -1))
+        return torch.cat(parents)
+
+    @property
+    def expected_active(self) -> float:
+        """E[number of active features per sample] = Σ_top p_i (1 + c + ... + c^depth) over roots,
+        plus Σ p_i over independent features (c = child_probability)."""
+        cfg = self.config
+        per_root = sum(cfg.child_probability**level for level in range(cfg.depth + 1))
+        roots = self._top_probs[self._top_index < cfg.n_roots].sum().item()
+        return roots * per_root + self._top_probs[self._top_index >= cfg.n_roots].sum().item()
+
+    def sample(self, batch_size: int | None = None, return_codes: bool = False):
+        """One batch x [B, D] float32; with return_codes=True, (x, codes [B, n_features])."""
+        cfg, g, dev = self.config, self.generator, self.device
+        batch_size = cfg.batch_size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        n_top = len(self._top_probs)
+        z = torch.randn(batch_size, n_top, generator=g, device=dev)  # [B, T]
+        if cfg.correlation_rank > 0 and cfg.correlation_strength > 0:
+            shared = torch.randn(batch_size, cfg.correlation_rank, generator=g, device=dev) @ self._factors
+            z = math.sqrt(1 - cfg.correlation_strength) * z + math.sqrt(cfg.correlation_strength) * shared
+        codes = torch.zeros(batch_size, cfg.n_features, device=dev)
+        codes[:, self._top_index.to(dev)] = (z < self._thresholds).float() * self._magnitudes(self._top_index, batch_size)
+        start = 0
+        for level, size in enumerate(cfg.level_sizes[:-1]):  # each level's nodes choose among their children
+            parent_codes = codes[:, start : start + size]  # [B, P]
+            chooses = torch.rand(batch_size, size, generator=g, device=dev) < cfg.child_probability
+            slot = torch.randint(cfg.branching, (batch_size, size), generator=g, device=dev)
+            picked = (parent_codes > 0) & chooses  # [B, P]
+            child_active = picked[:, :, None] & (slot[:, :, None] == torch.arange(cfg.branching, device=dev))  # [B, P, b]
+            child_start = start + size
+            child_index = torch.arange(child_start, child_start + size * cfg.branching)
+            magnitudes = self._magnitudes(child_index, batch_size).view(batch_size, size, cfg.branching)
+            if cfg.child_magnitude_relative:
+                magnitudes = magnitudes * parent_codes[:, :, None]
+            codes[:, child_start : child_start + size * cfg.branching] = (child_active * magnitudes).flatten(1)
+            start = child_start
+        x = codes @ self._features  # [B, D]
+        if cfg.noise_std > 0:
+            x = x + cfg.noise_std * torch.randn(x.shape, generator=g, device=dev)
+        return (x, codes) if return_codes else x
+
+    def _magnitudes(self, index: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """|N(μ_i, (cv μ_i)²)| for the features `index`, [B, len(index)]."""
+        means = self._magnitude_means[index.to(self.device)]
+        noise = torch.randn(batch_size, len(index), generator=self.generator, device=self.device)
+        return (means * (1 + self.config.magnitude_cv * noise)).abs()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return self.sample()
+
+
+# ---------------------------------------------------------------------------------------------
+# The field's ground-truth metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_correlation_coefficient(decoder_directions, true_features: torch.Tensor) -> float:
+    """MCC: the mean |cos| over an optimal one-to-one matching of learned directions to true
+    features (the Hungarian algorithm on 1 − |cos|; min(F, n_true) pairs). Needs scipy
+    (`pip install dictionary_learning[metrics]`)."""
+    similarity = _abs_cosines(decoder_directions, true_features)  # [F, n_true]
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise ImportError("mean_correlation_coefficient needs scipy: pip install 'dictionary_learning[metrics]' "
+                          "(or pip install scipy)") from None
+    rows, columns = linear_sum_assignment(1 - similarity.double().cpu().numpy())
+    return similarity[torch.as_tensor(rows), torch.as_tensor(columns)].mean().item()
+
+
+def _abs_cosines(decoder_directions, true_features: torch.Tensor) -> torch.Tensor:
+    """|cos(learned_j, true_i)| [F, n_true]."""
+    learned = decoder_directions if isinstance(decoder_directions, torch.Tensor) else dictionary_directions(decoder_directions)
+    learned = learned.detach().float()
+    learned = learned / learned.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    true = true_features.detach().float().to(learned.device)
+    true = true / true.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (learned @ true.T).abs()
+
+
+@torch.no_grad()
+def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size: int = 4096) -> dict[str, float]:
+    """Score `dictionary` against the features of a synthetic `stream` (`SyntheticActivations` or
+    `HierarchicalActivations`) on `n_samples` fresh samples of it:
+
+        mcc                 mean_correlation_coefficient of the decoder directions
+        uniqueness          #{distinct best-matching true features} / F   (1: no two latents share one)
+        precision, recall, f1   per latent, as a detector of its best-matching true feature (|cos|),
+                            from the counts of samples where it fires and the feature is active;
+                            averaged over latents (a latent that never fires scores 0)
+        explained_variance  1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²
+        shrinkage           mean over samples with x ≠ 0 of ‖x̂‖ / ‖x‖
+        l0, true_l0         mean active latents / true features per sample
+        dead_latents        latents that never fired
+    """
+    from .evaluation import MetricAccumulator
+
+    decoder = dictionary_directions(dictionary)  # [F, D]
+    similarity = _abs_cosines(decoder, stream.true_features)
+    best = similarity.argmax(dim=1)  # [F] best-matching true feature of each latent
+    n_latents = decoder.shape[0]
+    counts = torch.zeros(3, n_latents, dtype=torch.float64)  # true positives, fired, feature active
+    shrinkage, nonzero, true_l0, done = 0.0, 0, 0.0, 0
+    accumulator = MetricAccumulator(n_latents)
+    parameter = next(dictionary.parameters(), None)
+    while done < n_samples:
+        size = min(batch_size, n_samples - done)
+        x, codes = stream.sample(size, return_codes=True)
+        x = x if parameter is None else x.to(parameter.device, parameter.dtype)
+        f = dictionary.encode(x)
+        x_hat = dictionary.decode(f)
+        accumulator.update(x, x_hat, f)
+        fires = (f > 0).cpu()
+        active = (codes[:, best.to(codes.device)] > 0).cpu()
+        counts += torch.stack([(fires & active).sum(0), fires.sum(0), active.sum(0)]).double()
+        norms = x.norm(dim=-1)
+        nonzero_rows = norms > 1e-6  # samples with no active feature have no shrinkage
+        shrinkage += (x_hat.norm(dim=-1)[nonzero_rows] / norms[nonzero_rows]).sum().item()
+        nonzero += int(nonzero_rows.sum())
+        true_l0 += (codes > 0).sum().item()
+        done += size
+    true_positives, fired, active = counts
+    precision = torch.where(fired > 0, true_positives / fired.clamp_min(1), 0.0)
+    recall = torch.where(active > 0, true_positives / active.clamp_min(1), 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+    pooled = accumulator.compute()
+    return {
+        "mcc": mean_correlation_coefficient(decoder, stream.true_features),
+        "uniqueness": best.unique().numel() / n_latents,
+        "precision": precision.mean().item(),
+        "recall": recall.mean().item(),
+        "f1": f1.mean().item(),
+        "explained_variance": pooled["frac_variance_explained"],
+        "shrinkage": shrinkage / max(nonzero, 1),
+        "l0": pooled["l0"],
+        "true_l0": true_l0 / done,
+        "dead_latents": int((fired == 0).sum()),
+    }

@@ -1,0 +1,129 @@
+"""Hierarchical synthetic ground truth (HierarchicalActivations) and the field's metrics
+(mean_correlation_coefficient, ground_truth_scores) on hand-checkable cases."""
+import pytest
+import torch
+
+from dictionary_learning.dictionary import AutoEncoder
+from dictionary_learning.synthetic import (
+    HierarchicalActivations,
+    HierarchicalConfig,
+    SyntheticActivations,
+    ground_truth_scores,
+    mean_correlation_coefficient,
+)
+
+
+def test_children_fire_only_with_their_parent_and_exclusively():
+    stream = HierarchicalActivations(n_roots=8, branching=3, depth=2, n_independent=4, mean_active_top=3,
+                                     batch_size=8192, seed=1)
+    _, codes = stream.sample(return_codes=True)
+    active = codes > 0
+    parents = stream.parents
+    children = (parents >= 0).nonzero().squeeze(1)
+    assert bool((~active[:, children] | active[:, parents[children]]).all())  # never without the parent
+    for node in parents[children].unique():  # at most one child per active node
+        assert int(active[:, (parents == node).nonzero().squeeze(1)].sum(1).max()) <= 1
+    # an active node activates a child with probability child_probability (0.8)
+    with_children = parents[children].unique()
+    rate = active[:, children].sum() / active[:, with_children].sum()
+    assert abs(float(rate) - 0.8) < 0.03
+
+
+def test_child_magnitudes_are_relative_to_the_parents():
+    """With cv = 0 every magnitude is its feature's mean μ_i; a child's code is then μ_child times
+    its parent's code, exactly."""
+    stream = HierarchicalActivations(n_roots=6, branching=2, depth=2, n_independent=0, mean_active_top=3,
+                                     magnitude_cv=0.0, batch_size=4096, seed=2)
+    _, codes = stream.sample(return_codes=True)
+    parents = stream.parents
+    children = (parents >= 0).nonzero().squeeze(1)
+    fired = codes[:, children] > 0
+    expected = stream._magnitude_means[children] * codes[:, parents[children]]
+    assert fired.any() and torch.allclose(codes[:, children][fired], expected[fired])
+
+
+def test_top_level_features_fire_at_their_probabilities_and_correlate_through_the_factors():
+    common = dict(n_roots=4, branching=2, depth=1, n_independent=12, mean_active_top=3, zipf_exponent=0.5,
+                  batch_size=50_000, seed=3)
+    independent = HierarchicalActivations(correlation_rank=0, **common)
+    correlated = HierarchicalActivations(correlation_rank=2, correlation_strength=0.8, **common)
+    for stream in (independent, correlated):
+        _, codes = stream.sample(return_codes=True)
+        rates = (codes[:, stream._top_index] > 0).double().mean(0)
+        assert torch.allclose(rates, stream._top_probs, atol=0.01)  # the copula keeps each p_i
+    def off_diagonal_correlation(stream):
+        _, codes = stream.sample(return_codes=True)
+        fired = (codes[:, stream._top_index] > 0).double()
+        corr = torch.corrcoef(fired.T)
+        return corr[~torch.eye(len(corr), dtype=torch.bool)].abs().mean().item()
+    assert off_diagonal_correlation(correlated) > 3 * off_diagonal_correlation(independent)
+
+
+def test_expected_active_matches_the_samples_and_the_stream_is_deterministic():
+    stream = HierarchicalActivations(batch_size=40_000, correlation_rank=0)
+    _, codes = stream.sample(return_codes=True)
+    assert abs((codes > 0).sum(1).double().mean().item() - stream.expected_active) < 0.05
+    torch.manual_seed(0)
+    a = HierarchicalActivations(batch_size=64, seed=5).sample()
+    torch.manual_seed(1)
+    b = HierarchicalActivations(batch_size=64, seed=5).sample()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, HierarchicalActivations(batch_size=64, seed=5, stream_seed=6).sample())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"n_roots": 0}, "n_roots must be a positive int"),
+    ({"child_probability": 1.5}, "child_probability must be in"),
+    ({"min_firing_probability": 0.5, "max_firing_probability": 0.1}, "min_firing_probability"),
+    ({"mean_active_top": 1000}, "mean_active_top must be in"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        HierarchicalConfig(**overrides)
+
+
+def exact_dictionary(features):
+    """An AutoEncoder whose latents are the features (orthonormal features; an encoder bias of −1e-4
+    zeroes the float noise, ~1e-8, of inactive features)."""
+    n, d = features.shape
+    ae = AutoEncoder(d, n)
+    with torch.no_grad():
+        ae.W_enc.copy_(features.T)
+        ae.W_dec.copy_(features)
+        ae.b_enc.fill_(-1e-4)
+        ae.b_dec.zero_()
+    return ae
+
+
+def orthonormal_stream(n_features=24, dim=32):
+    stream = SyntheticActivations(activation_dim=dim, n_features=n_features, mean_active=3, batch_size=4096, seed=0)
+    q, _ = torch.linalg.qr(torch.randn(dim, n_features, generator=torch.Generator().manual_seed(0)))
+    stream._features = q.T.contiguous()  # orthonormal rows: the exact dictionary recovers the codes
+    return stream
+
+
+def test_the_true_features_score_perfectly_in_any_order_and_random_ones_do_not():
+    stream = orthonormal_stream()
+    perfect = exact_dictionary(stream.true_features)
+    scores = ground_truth_scores(perfect, stream, n_samples=8192)
+    assert scores["mcc"] == pytest.approx(1.0, abs=1e-6) and scores["f1"] == pytest.approx(1.0)
+    assert scores["precision"] == scores["recall"] == pytest.approx(1.0)
+    assert scores["uniqueness"] == 1.0 and scores["explained_variance"] == pytest.approx(1.0, abs=1e-4)
+    assert scores["shrinkage"] == pytest.approx(1.0, abs=1e-3) and scores["l0"] == pytest.approx(scores["true_l0"])
+    permutation = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    shuffled = exact_dictionary(stream.true_features[permutation])
+    assert ground_truth_scores(shuffled, stream, n_samples=8192)["f1"] == pytest.approx(1.0)
+    random = AutoEncoder(32, 24, generator=torch.Generator().manual_seed(2))
+    chance = ground_truth_scores(random, stream, n_samples=8192)
+    assert chance["mcc"] < 0.5 and chance["f1"] < 0.5
+
+
+def test_mcc_is_an_optimal_one_to_one_matching():
+    """Two learned directions near the same true feature: the greedy best match would use it twice;
+    the one-to-one matching must give the second its next-best partner."""
+    true = torch.eye(3)
+    learned = torch.tensor([[1.0, 0.1, 0.0], [0.9, 0.0, 0.4], [0.0, 0.0, 1.0]])
+    unit = learned / learned.norm(dim=1, keepdim=True)
+    brute = max(sum(unit[i, p[i]].abs().item() for i in range(3)) / 3
+                for p in [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)])
+    assert mean_correlation_coefficient(learned, true) == pytest.approx(brute)
