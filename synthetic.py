@@ -547,14 +547,12 @@ class HierarchicalActivations:
     @property
     def parents(self) -> torch.Tensor:
         """The parent of each feature (−1 for roots and independent features). [n_features] int64."""
-        cfg, parents = self.config, []
-        start = 0
-        for size in cfg.level_sizes:
-            if start == 0:
-                parents.append(torch.full((size,), -1))
-            else:
-                parents.append(previous_start + torch.arange(size) // cfg.branching)
-            previous_start, start = start, start + size
+        cfg = self.config
+        parents = [torch.full((cfg.n_roots,), -1)]
+        start = 0  # first index of the level above
+        for size in cfg.level_sizes[1:]:
+            parents.append(start + torch.arange(size) // cfg.branching)
+            start += size // cfg.branching
         parents.append(torch.full((cfg.n_independent,), -1))
         return torch.cat(parents)
 

@@ -11,6 +11,7 @@ its own generator, seeded by `config.seed`; it never touches torch's global RNG.
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, NamedTuple
@@ -40,6 +41,10 @@ class TrainerConfig:
     """length of the run in batches (filled in by trainSAE)."""
     sparsity_warmup_steps: int | None = None
     """linear warmup of the sparsity coefficient from 0 over this many steps."""
+    target_l0: float | None = None
+    """the L0 to reach: the sparsity coefficient is adapted during training (L0Controller) instead
+    of fixed by hand; None: λ as given. (TopK recipes fix L0 with k; JumpReLU's target_l0 is its
+    own penalty.)"""
     seed: int | None = None
     """seeds initialisation and every random draw of training; None: a random seed, recorded."""
     device: str = "cpu"
@@ -82,6 +87,51 @@ def sparsity_multiplier(step: int, sparsity_warmup_steps: int | None) -> float:
     if not sparsity_warmup_steps:
         return 1.0
     return min(1.0, (step + 1) / sparsity_warmup_steps)
+
+
+class L0Controller:
+    """Adapts a multiplier m of a recipe's sparsity coefficient (λ_eff = λ · m) so that the L0
+    reaches `target` T. After each step past the sparsity warmup, with ℓ̄ the running mean
+    (an EMA with β = 0.9) of the batch L0:
+
+        log m ← log m + clip(γ · log(ℓ̄ / T), −δ, δ),     γ = 0.01, δ = 0.02
+
+    integral control on log λ: λ grows while the L0 is above T and shrinks while it is below, by at
+    most 2% a step, so a λ that is 100× off is corrected in a few hundred steps, and λ settles where
+    L0 = T. The small gain keeps the loop stable although the L0 answers a change of λ only after
+    the optimiser has moved the encoder (larger gains oscillate by orders of magnitude).
+    """
+
+    GAIN = 0.01
+    MAX_LOG_STEP = 0.02
+    EMA = 0.9
+
+    def __init__(self, target: float):
+        if not target > 0:
+            raise ValueError(f"target_l0 must be positive, got {target!r}")
+        self.target = float(target)
+        self.log_scale = 0.0
+        self.mean_l0: float | None = None
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    def update(self, features: torch.Tensor | SparseCodes, adapt: bool) -> None:
+        if isinstance(features, SparseCodes):
+            l0 = float((features.values != 0).sum()) / max(features.n_rows, 1)
+        else:
+            l0 = float((features != 0).sum()) / max(features.reshape(-1, features.shape[-1]).shape[0], 1)
+        self.mean_l0 = l0 if self.mean_l0 is None else self.EMA * self.mean_l0 + (1 - self.EMA) * l0
+        if adapt:
+            change = self.GAIN * math.log(max(self.mean_l0, 1e-3) / self.target)
+            self.log_scale += max(-self.MAX_LOG_STEP, min(self.MAX_LOG_STEP, change))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_scale": self.log_scale, "mean_l0": self.mean_l0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log_scale, self.mean_l0 = float(state["log_scale"]), state["mean_l0"]
 
 
 class DeadLatentTracker:
@@ -290,6 +340,7 @@ class SAETrainer:
         self.generator = torch.Generator(device=generator_device).manual_seed(config.seed)
         self.lr = config.lr if config.lr is not None else self.default_learning_rate()
         self.dead_tracker = DeadLatentTracker(config.dict_size, self.device)
+        self.l0_controller = L0Controller(config.target_l0) if self.adapts_penalty_to_target_l0() else None
 
     def build_dictionary(self, *args, **kwargs) -> Dictionary:
         """A new `dictionary_class(activation_dim, dict_size, *args, **kwargs)` on the trainer's
@@ -302,6 +353,17 @@ class SAETrainer:
     # -- what a recipe implements ------------------------------------------------------------
     def default_learning_rate(self) -> float:
         return self.default_lr
+
+    def adapts_penalty_to_target_l0(self) -> bool:
+        """Whether `target_l0` drives an L0Controller (recipes with a sparsity penalty); recipes
+        whose L0 is set another way override this."""
+        return self.cfg.target_l0 is not None
+
+    def penalty_scale(self, step: int) -> float:
+        """The multiplier of the sparsity coefficient at `step`: its warmup, times the
+        L0Controller's m with target_l0."""
+        scale = sparsity_multiplier(step, self.cfg.sparsity_warmup_steps)
+        return scale * self.l0_controller.scale if self.l0_controller is not None else scale
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         """The training loss on x [N, D] at `step`. Must not change any training state."""
@@ -342,6 +404,9 @@ class SAETrainer:
         self.before_optimizer_step(step)
         self.optimizer.step()
         self.dead_tracker.update(out.features)
+        if self.l0_controller is not None:
+            self.l0_controller.update(out.features, adapt=step + 1 >= (self.cfg.sparsity_warmup_steps or 0))
+            out.metrics["penalty_scale"] = torch.tensor(self.l0_controller.scale)
         self.after_optimizer_step(step, x)
         return out.metrics
 
@@ -369,6 +434,7 @@ class SAETrainer:
             "dead_tracker": self.dead_tracker.state_dict(),
             "generator": self.generator.get_state(),
             "extra": self.extra_state(),
+            **({"l0_controller": self.l0_controller.state_dict()} if self.l0_controller is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -378,3 +444,5 @@ class SAETrainer:
         if "generator" in state:
             self.generator.set_state(state["generator"].cpu())
         self.load_extra_state(state["extra"])
+        if self.l0_controller is not None and "l0_controller" in state:
+            self.l0_controller.load_state_dict(state["l0_controller"])

@@ -51,6 +51,12 @@ class TopKSchedule:
     def default_learning_rate(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.dict_size / 2**14)
 
+    def adapts_penalty_to_target_l0(self) -> bool:
+        if self.cfg.target_l0 is not None:
+            raise ValueError(f"{type(self).__name__} fixes the L0 with k: pass k={max(1, round(self.cfg.target_l0))} "
+                             "instead of target_l0")
+        return False
+
     def lr_multiplier(self, step: int) -> float:
         decay_start = self.cfg.decay_start
         if decay_start is None and self.cfg.steps is not None:
@@ -352,7 +358,7 @@ class GatedFamilyTrainer(SAETrainer):
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         f, gate, recon_loss, aux_loss = self.loss_terms(x)
         penalty, metrics = self.sparsity_penalty(gate, step)
-        loss = recon_loss + sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * penalty + aux_loss
+        loss = recon_loss + self.penalty_scale(step) * penalty + aux_loss
         metrics.update(mse_loss=recon_loss.detach(), aux_loss=aux_loss.detach(), loss=loss.detach())
         return LossOutput(loss, f.detached() if isinstance(f, SparseCodes) else f, metrics)
 
@@ -571,7 +577,7 @@ class JumpReluFamilyConfig(TrainerConfig):
     sparsity_penalty: float = 1.0
     """λ, the weight of the L0 penalty."""
     target_l0: float | None = None
-    """None: the penalty is λ · L0 (the paper's); T: λ · (L0/T − 1)²."""
+    """None: the penalty is λ · L0 (the paper's); T: λ · (L0/T − 1)² (saprmarks/dictionary_learning's)."""
     bandwidth: float = 0.001
     """ε, the width of the straight-through estimators' kernel."""
     initial_threshold: float = 0.001
@@ -609,6 +615,9 @@ class JumpReluFamilyTrainer(SAETrainer):
 
     def dictionary_arguments(self) -> dict:
         return {}
+
+    def adapts_penalty_to_target_l0(self) -> bool:
+        return False  # target_l0 is the penalty (L0/T − 1)² here
 
     def jump_relu_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Features]:
         """(f W_dec [N, D_out] without b_dec, the batch's mean L0 (differentiable in θ), f detached)

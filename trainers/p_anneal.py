@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import AutoEncoder
-from .base import ConstrainedAdam, LossOutput, SAETrainer, check_positive, resample_dead_latents_, sparsity_multiplier
+from .base import ConstrainedAdam, LossOutput, SAETrainer, check_positive, resample_dead_latents_
 from .families import AnnealedSparsity, AnnealedSparsityConfig
 
 
@@ -70,7 +70,7 @@ class PAnnealTrainer(AnnealedSparsity, SAETrainer):
         x_hat, f = self.ae(x, output_features=True)
         recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
         penalty, metrics = self.anneal.penalty(f, step)
-        loss = recon_loss + sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * penalty
+        loss = recon_loss + self.penalty_scale(step) * penalty
         metrics.update(mse_loss=recon_loss.detach(), loss=loss.detach())
         return LossOutput(loss, f, metrics)
 

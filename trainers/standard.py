@@ -40,7 +40,6 @@ from .base import (
     TrainerConfig,
     check_positive,
     resample_dead_latents_,
-    sparsity_multiplier,
 )
 
 EPS = 1e-8
@@ -99,7 +98,7 @@ class StandardTrainer(SAETrainer):
         residual = x - x_hat
         recon_loss = residual.pow(2).sum(dim=-1).mean()
         sparsity = self.sparsity_loss(f)
-        penalty = self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps)
+        penalty = self.cfg.sparsity_penalty * self.penalty_scale(step)
         loss = recon_loss + penalty * sparsity
         metrics = {"mse_loss": recon_loss.detach(), "sparsity_loss": sparsity.detach()}
         if ghost_mask is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import AutoEncoder
-from .base import LossOutput, SAETrainer, TrainerConfig, adam, sparsity_multiplier
+from .base import LossOutput, SAETrainer, TrainerConfig, adam
 
 
 @dataclass
@@ -82,7 +82,7 @@ class StandardTrainerAprilUpdate(SAETrainer):
         recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
         decoder_norms = self.ae.W_dec.norm(dim=1)  # [F], gradient flows into W_dec
         sparsity = (f @ decoder_norms).mean()  # Σ_i f_i ‖W_dec[i]‖, batch mean
-        penalty = self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps)
+        penalty = self.cfg.sparsity_penalty * self.penalty_scale(step)
         loss = recon_loss + penalty * sparsity
         metrics = {"mse_loss": recon_loss.detach(), "sparsity_loss": sparsity.detach(), "loss": loss.detach()}
         return LossOutput(loss, f, metrics)

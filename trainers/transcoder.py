@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dictionary import Transcoder
-from .base import LossOutput, adam, sparsity_multiplier
+from .base import LossOutput, adam
 from .families import TranscoderFamilyConfig, TranscoderFamilyTrainer
 
 SPARSITY_WARMUP_FRACTION = 0.05
@@ -62,7 +62,7 @@ class TranscoderTrainer(TranscoderFamilyTrainer):
         y_hat, f = self.ae(x, output_features=True)
         recon_loss = (y - y_hat).pow(2).sum(dim=-1).mean()
         sparsity = (f @ self.ae.W_dec.norm(dim=1)).mean()  # Σ_i f_i ‖W_dec[i]‖, batch mean
-        penalty = self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps)
+        penalty = self.cfg.sparsity_penalty * self.penalty_scale(step)
         loss = recon_loss + penalty * sparsity
         metrics = {**self.fit_metrics(y, y_hat), "sparsity_loss": sparsity.detach(), "loss": loss.detach(),
                    "l0": (f > 0).sum(dim=-1).float().mean()}
