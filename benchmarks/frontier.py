@@ -1,0 +1,181 @@
+"""The sparsity–fidelity frontier of every recipe on hierarchical synthetic ground truth, scored with the
+field's metrics (MCC, per-latent F1, uniqueness, explained variance).
+
+    python benchmarks/frontier.py [--quick] [--threads 1] [--clock cpu] [--seeds 2] [--steps 2000]
+                                  [--levels 4 8 16] [--out results/frontier.json] [--png results/frontier.png]
+
+Data: `HierarchicalActivations` with D = 64, 32 trees of branching 3 and depth 2 plus 64 independent
+features (480 features in all, 5.6 active per sample on average), correlated top-level firing (rank 4,
+strength 0.3), magnitudes log-uniform in [0.5, 2] with cv 0.25, no noise. Each recipe trains F = 512
+latents for `--steps` batches of 1024 from its own stream (seeded per run), with only activation_dim,
+dict_size and its sparsity target given (k for the TopK family, target_l0 for the others:
+trainers/base.py L0Controller; JumpReLU's target_l0 is its own penalty), `normalize_activations=True`
+and a warmup of steps/10; everything else is the recipe's default. Scores: `ground_truth_scores` on
+32,768 held-out samples of another stream of the same features. Reported per recipe and level: the
+mean over seeds and the spread (max − min). With --saelens, SAELens' trainers for the recipes both
+libraries have (benchmarks/saelens_worker.py, in SAELens' own virtualenv) train on the same samples in
+the same order (the worker regenerates the stream with this repository's synthetic.py) at the same
+sparsity target, with SAELens' defaults (LR 3e-4 constant after the same warmup, as its toy-SAE
+trainer), and are scored by the same function.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+
+SAELENS_PYTHON = Path(os.environ.get("DL_SAELENS_VENV", "~/.cache/saelens_bench/venv")).expanduser() / "bin" / "python"
+
+SAELENS_RECIPES = ("StandardTrainer", "TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer", "JumpReluTrainer")
+RECIPES = {
+    "StandardTrainer": "target_l0",
+    "StandardTrainerAprilUpdate": "target_l0",
+    "GatedSAETrainer": "target_l0",
+    "PAnnealTrainer": "target_l0",
+    "TopKTrainer": "k",
+    "BatchTopKTrainer": "k",
+    "MatryoshkaBatchTopKTrainer": "k",
+    "JumpReluTrainer": "target_l0",
+}
+DATA = dict(activation_dim=64, n_roots=32, branching=3, depth=2, n_independent=64, mean_active_top=4.0,
+            correlation_rank=4, correlation_strength=0.3, batch_size=1024)
+DICT_SIZE = 512
+METRICS = ("l0", "explained_variance", "mcc", "f1", "precision", "recall", "uniqueness", "dead_latents")
+
+
+def recipe_config(name: str, level: int, steps: int, seed: int) -> dict:
+    config = {"trainer": name, "activation_dim": DATA["activation_dim"], "dict_size": DICT_SIZE, "seed": seed,
+              "warmup_steps": steps // 10}
+    config[RECIPES[name]] = level
+    if name == "MatryoshkaBatchTopKTrainer":
+        config["group_sizes"] = [64, 128, DICT_SIZE - 192]
+    if name in ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer"):
+        config["threshold_start_step"] = steps // 2
+    if name == "PAnnealTrainer":
+        config["anneal_start"] = steps // 5  # the default, 15,000, is meant for 100k-step runs
+    if name in ("StandardTrainer", "GatedSAETrainer", "PAnnealTrainer", "JumpReluTrainer"):
+        config["sparsity_warmup_steps"] = steps // 10
+    return config
+
+
+def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int) -> dict:
+    from dictionary_learning import HierarchicalActivations, ground_truth_scores, trainSAE
+
+    train = HierarchicalActivations(seed=0, stream_seed=1000 + seed, **DATA)
+    start = _common.CLOCKS[_common._clock_name]()
+    (dictionary,) = trainSAE((train.sample() for _ in range(steps)), trainer_configs=[recipe_config(name, level, steps, seed)], steps=steps,
+                             normalize_activations=True, progress=False)
+    seconds = _common.CLOCKS[_common._clock_name]() - start
+    held_out = HierarchicalActivations(seed=0, stream_seed=99, **DATA)
+    return {**ground_truth_scores(dictionary, held_out, n_samples=n_eval), "seconds": seconds}
+
+
+def saelens_run(name: str, level: int, steps: int, seed: int, n_eval: int, threads: int, clock: str) -> dict:
+    """SAELens' trainer for recipe `name` on the same samples, in its own virtualenv (saelens_worker.py)."""
+    if not SAELENS_PYTHON.exists():
+        raise SystemExit(f"--saelens needs a virtualenv with sae-lens at {SAELENS_PYTHON.parent.parent} (python -m venv; "
+                         "pip install -c <(echo torch==2.13.0) torch==2.13.0 sae-lens), or DL_SAELENS_VENV")
+    config = {"recipe": name, "level": level, "seed": seed, "steps": steps, "n_eval": n_eval, "threads": threads,
+              "clock": clock, "dict_size": DICT_SIZE, "data": DATA}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump(config, file)
+    try:
+        proc = subprocess.run([str(SAELENS_PYTHON), str(Path(__file__).with_name("saelens_worker.py")), file.name],
+                              capture_output=True, text=True)
+    finally:
+        os.unlink(file.name)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = _common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--levels", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--png", default=None, help="plot the frontier here (needs matplotlib)")
+    parser.add_argument("--saelens", action="store_true",
+                        help="also train SAELens' trainers (TopK, BatchTopK, Matryoshka, JumpReLU, standard) on the "
+                             "same samples in its own virtualenv, scored by the same function")
+    args = parser.parse_args()
+    _common.set_threads(args.threads)
+    _common.set_clock(args.clock)
+    _common.import_library()
+    steps = 200 if args.quick else args.steps
+    n_eval = 4096 if args.quick else 32_768
+    seeds = list(range(1 if args.quick else args.seeds))
+    runs, table = [], []
+    for name in args.recipes:
+        for level in args.levels:
+            results = []
+            for seed in seeds:
+                result = train_and_score(name, level, steps, seed, n_eval)
+                results.append(result)
+                runs.append({"recipe": name, "level": level, "seed": seed, **result})
+                print(f"  {name} {RECIPES[name]}={level} seed {seed}: "
+                      + ", ".join(f"{m} {_common.fmt(result[m])}" for m in METRICS), flush=True)
+            row = {"recipe": name, "target": f"{RECIPES[name]}={level}"}
+            for metric in METRICS:
+                values = [r[metric] for r in results]
+                row[metric] = statistics.mean(values)
+                if metric in ("mcc", "f1", "explained_variance"):
+                    row[f"{metric} spread"] = max(values) - min(values)
+            if args.saelens and name in SAELENS_RECIPES:
+                theirs = [saelens_run(name, level, steps, seed, n_eval, args.threads, args.clock) for seed in seeds]
+                runs.extend({"recipe": name, "level": level, "seed": seed, "library": "saelens", **result}
+                            for seed, result in zip(seeds, theirs))
+                ok = [result for result in theirs if "error" not in result]
+                for metric in ("l0", "explained_variance", "mcc", "f1"):
+                    row[f"SAELens {metric}"] = statistics.mean(r[metric] for r in ok) if ok else None
+                if len(ok) < len(theirs):
+                    row["note"] = next(result["error"] for result in theirs if "error" in result)[:80]
+                print(f"  SAELens {name}: " + ", ".join(f"{k} {_common.fmt(v)}" for k, v in row.items()
+                                                       if k.startswith("SAELens")), flush=True)
+            table.append(row)
+    columns = ["recipe", "target", "l0", "explained_variance", "explained_variance spread", "mcc", "mcc spread", "f1",
+               "f1 spread", "precision", "recall", "uniqueness", "dead_latents"]
+    if args.saelens:
+        columns += ["SAELens l0", "SAELens explained_variance", "SAELens mcc", "SAELens f1", "note"]
+    text = _common.print_table(table, columns, title=(
+        f"frontier on hierarchical synthetic data (F={DICT_SIZE}, {steps} steps x {DATA['batch_size']}, "
+        f"{len(seeds)} seeds, {args.threads} threads, {args.clock} clock)"))
+    if args.png:
+        plot(table, args.png)
+    _common.write_json(args.out, {"benchmark": "frontier", "machine": _common.machine_info(args.threads, args.clock),
+                                  "data": DATA, "dict_size": DICT_SIZE, "steps": steps, "seeds": seeds,
+                                  "runs": runs, "table": table, "table_text": text, "finished": time.time()})
+
+
+def plot(table: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--png needs matplotlib: pip install matplotlib") from None
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name in dict.fromkeys(row["recipe"] for row in table):
+        rows = sorted((row for row in table if row["recipe"] == name), key=lambda row: row["l0"])
+        for axis, metric in zip(axes, ("explained_variance", "mcc", "f1")):
+            axis.plot([row["l0"] for row in rows], [row[metric] for row in rows], marker="o", label=name)
+            axis.set_xscale("log")
+            axis.set_xlabel("L0")
+            axis.set_ylabel(metric)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
