@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .checks import as_dtype
 from .sites import Site, layer_of, site_reader
 
 __all__ = ["ActivationBuffer", "token_mask", "check_language_model", "resolve_submodule", "submodule_path"]
@@ -85,7 +86,8 @@ class ActivationBuffer:
         tokenizer: Any = None,
         add_special_tokens: bool = True,
     ):
-        _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype)
+        _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size)
+        dtype = as_dtype(dtype)
         if (submodule is None) == (submodules is None):
             raise ValueError("pass exactly one of submodule= (one site; batches are tensors) and submodules= "
                              "(several sites read in one pass; batches are dicts)")
@@ -227,10 +229,16 @@ class ActivationBuffer:
         if self._overflow is not None:
             reads, self._overflow = self._overflow, None
             return reads
+        texts_without_tokens = 0
         while not self._data_exhausted:
-            reads = self._activations(self.tokenized_batch())
+            encoding = self.tokenized_batch()
+            reads = self._activations(encoding)
             if reads is not None:
                 return reads
+            texts_without_tokens += len(encoding["input_ids"])
+            if texts_without_tokens >= MAX_TEXTS_WITHOUT_TOKENS:
+                raise ValueError(f"data yielded {texts_without_tokens} texts in a row that hold no token (empty strings, "
+                                 "or only a BOS that remove_bos drops); check the text stream")
         return None
 
     # ------------------------------------------------------------------ text and tokens
@@ -254,13 +262,27 @@ class ActivationBuffer:
         return self.tokenize(self.text_batch(batch_size))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenize `texts` in one call, truncated to `ctx_len` and padded (on the tokenizer's side)."""
+        """Tokenize `texts` in one call, truncated to `ctx_len` and padded (on the tokenizer's side).
+
+        A long text is cut to CHARS_PER_TOKEN · ctx_len characters before tokenizing (so a huge
+        document costs no more than a context); one that then gives fewer than ctx_len tokens is
+        tokenized again from a cut 8× longer, until it gives ctx_len tokens or is whole."""
         if not texts:
             empty = torch.zeros(0, 0, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty}
-        encoding = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
-                                  max_length=self.ctx_len, add_special_tokens=self.add_special_tokens)
-        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        texts = list(texts)
+        limits = [CHARS_PER_TOKEN * self.ctx_len] * len(texts)
+        while True:
+            encoding = self.tokenizer([text[:limit] for text, limit in zip(texts, limits)], return_tensors="pt",
+                                      padding=True, truncation=True, max_length=self.ctx_len,
+                                      add_special_tokens=self.add_special_tokens)
+            lengths = encoding["attention_mask"].sum(dim=1).tolist()
+            cut_short = [i for i, (text, limit) in enumerate(zip(texts, limits))
+                         if len(text) > limit and lengths[i] < self.ctx_len]
+            if not cut_short:
+                return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+            for i in cut_short:
+                limits[i] *= 8
 
     # ------------------------------------------------------------------ collection
 
@@ -317,7 +339,14 @@ class ActivationBuffer:
         return config
 
 
-def _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, dtype) -> None:
+CHARS_PER_TOKEN = 32
+"""Texts are cut to this many characters per token of ctx_len before tokenizing (and cut longer
+when that gives fewer than ctx_len tokens)."""
+MAX_TEXTS_WITHOUT_TOKENS = 10_000
+"""A data stream that yields this many texts in a row without a token is an error, not a hang."""
+
+
+def _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size) -> None:
     for name, value in [("ctx_len", ctx_len), ("refresh_batch_size", refresh_batch_size),
                         ("out_batch_size", out_batch_size)]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -326,8 +355,6 @@ def _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size, 
         raise ValueError(f"n_ctxs must be a number >= 1 (e.g. 3e4); got {n_ctxs!r}.")
     if isinstance(data, (str, bytes)):
         raise TypeError("data must be an iterator of strings, not a single string; wrap it: iter([text]).")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16); got {dtype!r}.")
 
 
 def token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None = None) -> torch.Tensor:

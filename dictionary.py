@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .checks import as_dtype
 from .files import load_state_dict
 from .kernels import GatedEncode, SparseCodes
 
@@ -200,6 +201,7 @@ class Dictionary(nn.Module, ABC):
         Shapes are inferred from the weights. `dtype` casts floating-point tensors; `device` moves
         them; either works alone.
         """
+        dtype = as_dtype(dtype)
         state_dict = load_state_dict(path)
         try:
             dictionary = cls.from_state_dict(state_dict, **kwargs)

@@ -312,9 +312,24 @@ def _encode_text(model, text, max_len: int | None) -> dict[str, torch.Tensor]:
     return {"input_ids": ids.cpu(), "attention_mask": mask.cpu().long()}
 
 
+def check_dictionary_width(dictionary, x: torch.Tensor, what: str) -> None:
+    """ValueError when the activations x [..., D] are not as wide as the dictionary's inputs."""
+    expected = getattr(dictionary, "activation_dim", None)
+    if expected is not None and x.shape[-1] != expected:
+        raise ValueError(f"{what} are {x.shape[-1]}-dimensional but the {type(dictionary).__name__} takes "
+                         f"{expected}-dimensional inputs: evaluate it on the site it was trained on")
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contain NaN or inf; metrics on them would be meaningless (check the model's dtype "
+                         "for float16 overflow, or the dictionary's weights)")
+
+
 def _reconstruct(dictionary, acts: torch.Tensor, real: torch.Tensor, normalize_batch: bool) -> torch.Tensor:
     """x̂ for acts [B, T, D] in acts' dtype/device. With `normalize_batch`, x is scaled to mean norm
     √D over the real tokens (mask `real` [B, T]) before the dictionary and x̂ scaled back."""
+    check_dictionary_width(dictionary, acts, "the submodule's activations")
     parameter = next(dictionary.parameters(), None)
     x = acts if parameter is None else acts.to(parameter.device, parameter.dtype)
     scale = batch_scale(x, real).to(x.dtype) if normalize_batch else 1.0
@@ -488,8 +503,11 @@ def evaluate(
             if normalize_batch:
                 scale = batch_scale(x).to(x.dtype)
                 x, target = x * scale, target * scale
+            check_dictionary_width(dictionary, x, f"activations of batch {batches}")
+            check_finite(x, f"activations of batch {batches}")
             x = x if parameter is None else x.to(parameter.dtype)
             f = dictionary.encode(x)
+            check_finite(f, f"the dictionary's features on batch {batches}")
             x_hat = dictionary.decode(f)
             if isinstance(dictionary, Transcoder):
                 x_hat = x_hat + dictionary.skip_term(x)

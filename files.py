@@ -8,8 +8,10 @@ umask gives a new file (the temporary file is created with mode 0o666, which the
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -17,7 +19,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 __all__ = ["atomic_write", "atomic_torch_save", "atomic_write_json", "json_default", "read_json_object",
-           "load_state_dict"]
+           "load_state_dict", "remove_temporary_files"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
@@ -26,17 +28,65 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                recording = _WriteErrorRecorder(file)
+                try:
+                    write(recording)
+                except BaseException as error:
+                    raise recording.error or error
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        if _disk_full(error):
+            raise OSError(errno.ENOSPC, f"no space left on the device writing {str(path)!r}; the previous version "
+                          "of the file (if any) is intact. Free some space (or pass another save_dir) and "
+                          "resume") from None
         raise
     return path
+
+
+TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+"""The names `atomic_write` gives its temporary files (left behind only by a killed process)."""
+
+
+def remove_temporary_files(folder: str | os.PathLike) -> int:
+    """Delete the temporary files a killed `atomic_write` left in `folder`; returns how many. Call it
+    only while no other process writes there (trainSAE holds the run folder's lock)."""
+    removed = 0
+    for entry in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        if entry.is_file() and TEMPORARY_FILE.match(entry.name):
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+class _WriteErrorRecorder:
+    """A file that remembers the OSError of a failed write: torch.save's zip writer reports one only
+    as 'unexpected pos', which would hide a full disk."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

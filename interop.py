@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .dictionary import Dictionary
+from .checks import as_dtype
 from .files import atomic_write, atomic_write_json, load_state_dict, read_json_object
 from .registry import ARCHITECTURES, Architecture, architecture, infer_architecture, saelens_architecture
 
@@ -115,7 +116,7 @@ def load_dictionary(
     moved into its encoder where that keeps x̂ (AutoEncoder.normalize_decoder), as the reference
     loader does.
     """
-    path = Path(path)
+    path, dtype = Path(path), as_dtype(dtype)
     if path.is_dir() and (path / SAELENS_CONFIG_FILE).exists() and not (path / "config.json").exists():
         return load_saelens(path, device=device, dtype=dtype)
     weights, config_path = _dictionary_files(path)
@@ -387,12 +388,17 @@ def load_saelens(
             raise FileNotFoundError(
                 f"{str(path)!r} not found: a SAELens folder holds {SAELENS_CONFIG_FILE} and {SAELENS_WEIGHTS_FILE}"
             )
+    dtype = as_dtype(dtype)
     cfg = read_json_object(cfg_path, "SAELens cfg.json")
     try:
         tensors = load_file(str(weights_path))
     except Exception as e:
         raise ValueError(f"could not read {str(weights_path)!r} as a safetensors file: {e}") from e
-    dictionary = _dictionary_from_saelens(tensors, cfg, activation_scale)  # fresh tensors: no copy
+    try:
+        dictionary = _dictionary_from_saelens(tensors, cfg, activation_scale)  # fresh tensors: no copy
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"cannot load the SAELens folder {str(folder)!r} ({str(cfg_path)!r}): {detail}") from None
     if device is not None or dtype is not None:
         dictionary = dictionary.to(device=device, dtype=dtype)
     return dictionary, cfg

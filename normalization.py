@@ -14,14 +14,24 @@ it with dictionaries trained here.
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 
 __all__ = ["activation_scale", "batch_scale"]
 
 
-def activation_scale(x: torch.Tensor) -> float:
-    """s with E‖s·x‖² = 1 over the tokens of x [..., D] (the mean over tokens of ‖x‖²)."""
-    return float(1.0 / x.float().pow(2).sum(dim=-1).mean().sqrt().clamp_min(1e-12))
+def activation_scale(x: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """s with E‖s·x‖² = 1 over the tokens of x [..., D], or of several such tensors together:
+    s = 1 / √(mean over tokens of ‖x‖²), accumulated in float64. ValueError if every x is zero."""
+    parts = [x] if isinstance(x, torch.Tensor) else list(x)
+    n_tokens = sum(part[..., 0].numel() for part in parts)
+    mean_square = sum(float(part.double().pow(2).sum()) for part in parts) / max(n_tokens, 1)
+    if not mean_square > 0 or not math.isfinite(mean_square):
+        raise ValueError(f"activations over {n_tokens} tokens have mean squared norm {mean_square}, so they give "
+                         "no scale: check the data")
+    return mean_square ** -0.5
 
 
 def batch_scale(x: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,12 +15,15 @@ read with torch.load(weights_only=True): loading it runs no code from the file.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .files import atomic_torch_save, atomic_write, atomic_write_json
+from .files import atomic_torch_save, atomic_write, atomic_write_json, json_default, remove_temporary_files
 from .trainers.base import SAETrainer
 
 STATE_FILE = "training_state.pt"
@@ -57,6 +60,67 @@ def exported_weights(trainer: SAETrainer, activation_scale: float | None) -> dic
     return {key: value.contiguous() for key, value in dictionary.state_dict().items()}
 
 
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held for the whole run: `save_dir/.lock`, locked with
+    flock. A second run into the same folder fails at once, naming the process that holds it; the
+    kernel releases the lock when the holder ends, however it ends (kill -9 included)."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(f"save_dir {str(self.path.parent)!r} is in use by another run ({holder}); wait for "
+                               "it to end or pass another save_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def previous_run(folder: str | Path) -> str | None:
+    """What of an earlier run `folder` holds (a sentence), or None if it holds none."""
+    folder = Path(folder)
+    if (folder / STATE_FILE).exists():
+        return "the resumable state of an earlier run"
+    finished = [p for p in [folder / "ae.pt", *folder.glob("trainer_*/ae.pt")] if p.exists()]
+    if finished:
+        return f"the dictionaries of an earlier run ({str(finished[0])!r})"
+    started = [p for p in [folder / "config.json", *folder.glob("trainer_*/config.json")] if p.exists()]
+    if started:
+        return f"an earlier run that saved no state ({str(started[0])!r})"
+    return None
+
+
+def clear_previous_run(folder: str | Path) -> None:
+    """Remove the files an earlier run wrote into `folder` (trainSAE's overwrite=True): its state,
+    and in each trainer folder its weights, checkpoints, config and log. Other files stay."""
+    folder = Path(folder)
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    for trainer_dir in [folder, *sorted(folder.glob("trainer_*"))]:
+        for name in ("ae.pt", "config.json", LOG_FILE):
+            (trainer_dir / name).unlink(missing_ok=True)
+        for checkpoint in trainer_dir.glob("checkpoints/ae_*.pt"):
+            checkpoint.unlink()
+
+
 class RunFolder:
     """The trainer folders of one run: config.json, log.jsonl, checkpoints and ae.pt of each."""
 
@@ -71,6 +135,9 @@ class RunFolder:
         steps it does not redo."""
         n_trainers = len(self.trainer_dirs)
         previous = RunFolder(resumed_from, n_trainers, self.single) if resumed_from is not None else None
+        for folder in {self.root, *self.trainer_dirs}:  # what a killed write left behind
+            remove_temporary_files(folder)
+            remove_temporary_files(folder / "checkpoints")
         for i, (folder, config) in enumerate(zip(self.trainer_dirs, configs)):
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(config, folder / "config.json")
@@ -112,24 +179,34 @@ def _keep_log_lines(source: Path, target: Path, steps_done: int) -> None:
     atomic_write(target, lambda file: file.write(data))
 
 
+class SavedState(NamedTuple):
+    steps_done: int
+    activation_scale: Any  # {stream: s}, or one float / None in states written before sites
+    data: dict[str, Any] | None  # the data's fingerprint (`trainSAE`), None in older states
+
+
 class Checkpointer:
     """The exact state of every trainer of a run, in one file replaced atomically."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def save(self, trainers: Sequence[SAETrainer], steps_done: int, activation_scale: float | None) -> None:
+    def save(self, trainers: Sequence[SAETrainer], steps_done: int, activation_scale: Any,
+             data: dict[str, Any] | None = None) -> None:
+        """`data`: what identifies the data stream (JSON-like), checked when the run resumes."""
         atomic_torch_save({
             "format": STATE_FORMAT,
             "steps_done": steps_done,
             "activation_scale": activation_scale,
+            "data": json.dumps(data, default=json_default) if data is not None else None,
             "configs": [trainer.config for trainer in trainers],
             "trainers": [trainer.state_dict() for trainer in trainers],
         }, self.path)
 
-    def load(self, trainers: Sequence[SAETrainer]) -> tuple[int, float | None]:
-        """Restore every trainer; returns (steps done, activation scale). The trainers must have
-        been built from the configs of the saved run (checked, naming what differs)."""
+    def load(self, trainers: Sequence[SAETrainer]) -> SavedState:
+        """Restore every trainer; returns (steps done, activation scale, data fingerprint). The
+        trainers must have been built from the configs of the saved run (checked, naming what
+        differs)."""
         state = self._read()
         if len(state["trainers"]) != len(trainers):
             raise ValueError(
@@ -146,7 +223,8 @@ class Checkpointer:
                 key: value if key in ("optimizer", "generator") else _to_device(value, trainer.device)
                 for key, value in trainer_state.items()
             })
-        return state["steps_done"], state["activation_scale"]
+        data = state.get("data")
+        return SavedState(state["steps_done"], state["activation_scale"], json.loads(data) if data else None)
 
     def _read(self) -> dict[str, Any]:
         try:

@@ -14,8 +14,11 @@ list of dictionaries. With `save_dir`, each trainer gets a folder and the run a 
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import json
 import os
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +28,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checks import as_dtype
 from .files import json_default
 from .normalization import activation_scale as unit_norm_scale
 from .registry import recipe_class
-from .runs import STATE_FILE, Checkpointer, RunFolder, current_field_names, exported_weights
+from .runs import (STATE_FILE, Checkpointer, RunFolder, RunLock, clear_previous_run, current_field_names,
+                   exported_weights, previous_run)
 from .sites import layer_of
-from .trainers.base import ConstrainedAdam, SAETrainer, TrainerConfig, config_field_names
+from .trainers.base import ConstrainedAdam, NonFiniteLoss, SAETrainer, TrainerConfig, config_field_names
 
 __all__ = ["trainSAE", "ConstrainedAdam", "build_trainer", "STATE_FILE"]
 
@@ -100,6 +105,7 @@ class RunSettings:
     normalize_activations: bool
     autocast_dtype: str | None
     seed: int | None
+    on_nonfinite: str = "raise"
 
 
 def _seed_form_config(activation_dim, dictionary_size, lr, sparsity_penalty, **fields) -> dict[str, Any]:
@@ -141,13 +147,10 @@ def _check_batch(x: Any, step: int, width: int, what: str = "activations") -> to
         raise TypeError(
             f"{what} must be tensors of shape [batch, activation_dim]; batch {step} is a {type(x).__name__}"
         )
-    if x.ndim < 2:
-        raise ValueError(f"{what} batch {step} has shape {tuple(x.shape)}; expected [batch, activation_dim]")
-    if x.shape[-1] != width:
-        raise ValueError(
-            f"{what} batch {step} has width {x.shape[-1]} but the trainer expects {width}: pass the width of "
-            "the hooked submodule as activation_dim"
-        )
+    if x.ndim < 2 or x.shape[:-1].numel() == 0:
+        raise ValueError(f"{what} batch {step} has shape {tuple(x.shape)}; expected [batch, activation_dim] with "
+                         "at least one row")
+    _check_width(x, step, width, what)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(
             f"{what} batch {step} contains NaN or inf; check the model/buffer (e.g. fp16 overflow)"
@@ -155,9 +158,18 @@ def _check_batch(x: Any, step: int, width: int, what: str = "activations") -> to
     return x.reshape(-1, x.shape[-1])
 
 
-def _stream(batch: Any, trainer: SAETrainer, index: int, step: int) -> Any:
+def _check_width(x: torch.Tensor, step: int, width: int, what: str) -> None:
+    if x.shape[-1] != width:
+        raise ValueError(
+            f"{what} batch {step} has width {x.shape[-1]} but the trainer expects {width}: pass the width of "
+            "the hooked submodule as activation_dim"
+        )
+
+
+def _stream(batch: Any, trainer: SAETrainer, index: int, step: int, checked: bool = False) -> Any:
     """The part of `batch` that trainer `index` trains on: the batch itself, or with a dict of
-    sites (a multi-site buffer), the entry of the trainer's `site`; each tensor checked."""
+    sites (a multi-site buffer), the entry of the trainer's `site`; each tensor checked (only its
+    width when `checked`: another trainer checked the rest)."""
     site = trainer.cfg.site
     where = f"trainer {index} ({type(trainer).__name__})"
     if isinstance(batch, Mapping):
@@ -168,19 +180,20 @@ def _stream(batch: Any, trainer: SAETrainer, index: int, step: int) -> Any:
             site = next(iter(batch))
         if site not in batch:
             raise ValueError(f"{where} reads site {site!r}, which the data does not collect; it collects {list(batch)}")
-        batch, what = batch[site], f"site {site!r}"
+        batch, what = batch[site], f"{where}: site {site!r}"
     elif site is not None:
         raise ValueError(f"{where} reads site {site!r}, but the data yields one stream of tensors, not sites: build "
                          "the buffer with submodules=[...], or drop 'site'")
     else:
-        what = "activations"
+        what = f"{where}: activations"
+    check = _check_width if checked else _check_batch
     if isinstance(batch, (tuple, list)):
         if len(batch) != 2:
             raise ValueError(f"{what}: a batch of pairs must be (inputs, outputs); got {len(batch)} tensors")
         output_dim = getattr(trainer.cfg, "output_dim", None) or trainer.cfg.activation_dim
-        return (_check_batch(batch[0], step, trainer.cfg.activation_dim, f"{what} inputs"),
-                _check_batch(batch[1], step, output_dim, f"{what} outputs"))
-    return _check_batch(batch, step, trainer.cfg.activation_dim, what)
+        return (check(batch[0], step, trainer.cfg.activation_dim, f"{what} inputs"),
+                check(batch[1], step, output_dim, f"{what} outputs"))
+    return check(batch, step, trainer.cfg.activation_dim, what)
 
 
 def _check_sites(trainers: Sequence[SAETrainer], data: Any) -> None:
@@ -226,9 +239,8 @@ def _record_provenance(trainer: SAETrainer, buffer_config: Any) -> None:
             setattr(trainer.cfg, name, value)
 
 
-def _batches_after(data: Iterable[torch.Tensor], steps_done: int) -> Iterator[torch.Tensor]:
-    """`data`'s batches after the first `steps_done` (read and skipped: a resumed run's)."""
-    batches = iter(data)
+def _skipped(batches: Iterator[Any], steps_done: int) -> Iterator[Any]:
+    """`batches` after the first `steps_done` (read and skipped: a resumed run's)."""
     for skipped in range(steps_done):
         try:
             next(batches)
@@ -238,6 +250,70 @@ def _batches_after(data: Iterable[torch.Tensor], steps_done: int) -> Iterator[to
                 "batches already trained on; pass the same data source, from its beginning"
             ) from None
     return batches
+
+
+def _fingerprint(batch: Any) -> str:
+    """sha256 of a batch's values (every site, inputs and outputs), as float32."""
+    digest = hashlib.sha256()
+
+    def add(x):
+        if isinstance(x, Mapping):
+            for key in sorted(x):
+                digest.update(str(key).encode())
+                add(x[key])
+        elif isinstance(x, (tuple, list)):
+            for part in x:
+                add(part)
+        elif isinstance(x, torch.Tensor):
+            digest.update(str(tuple(x.shape)).encode())
+            digest.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+    add(batch)
+    return digest.hexdigest()
+
+
+def _data_record(data: Any, first_batch: Any) -> dict[str, Any]:
+    """What identifies the data stream of a run, saved with its state and checked on resume: the
+    source's own config (an ActivationBuffer's: model, sites, seed, ...) and the first batch's hash."""
+    return {"source": _buffer_config(data), "first_batch_sha256": _fingerprint(first_batch)}
+
+
+def _check_same_data(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    if saved is None:  # a state written before data fingerprints
+        return
+    source, saved_source = now["source"], saved.get("source")
+    if isinstance(source, Mapping) and isinstance(saved_source, Mapping):
+        differing = sorted(k for k in set(source) | set(saved_source)
+                           if k != "device" and source.get(k) != saved_source.get(k))
+        if differing:
+            details = ", ".join(f"{k}: saved {saved_source.get(k)!r}, now {source.get(k)!r}" for k in differing)
+            raise ValueError(f"resume_from: the data source differs from the interrupted run's ({details}); pass "
+                             "the same source (e.g. ActivationBuffer(..., seed=<the saved seed>)) to continue exactly")
+    if saved.get("first_batch_sha256") != now["first_batch_sha256"]:
+        raise ValueError("resume_from: the data's first batch differs from the interrupted run's: other texts, "
+                         "another order or another buffer seed. Pass the same data from its beginning (an "
+                         "ActivationBuffer with seed=None draws a new order each time: pass seed=)")
+
+
+NORMALIZATION_BATCHES = 8
+"""normalize_activations estimates E‖x‖² from this many first batches (fewer if the run is shorter)."""
+
+
+def _activation_scales(batches: list[Any], trainers: Sequence[SAETrainer]) -> dict[str, float]:
+    """The scale s of each stream with E‖s·x‖² = 1, over the tokens of `batches` together (a pair's
+    s is that of its inputs). An all-zero stream is an error: it has no scale."""
+    scales = {}
+    for index, trainer in enumerate(trainers):
+        key = _stream_key(trainer)
+        if key in scales:
+            continue
+        streams = [_stream(batch, trainer, index, step) for step, batch in enumerate(batches)]
+        try:
+            scales[key] = unit_norm_scale([s[0] if isinstance(s, tuple) else s for s in streams])
+        except ValueError as error:
+            raise ValueError(f"normalize_activations: the first {len(batches)} batches of "
+                             f"{'site ' + repr(key) if key else 'the data'}: {error}") from None
+    return scales
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +345,8 @@ def trainSAE(
     resume_from: str | os.PathLike | None = None,
     seed: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    on_nonfinite: str = "raise",
 ):
     """Train sparse autoencoders on `data`, an iterator of activation batches [B, D] or
     [B, L, D] (an ActivationBuffer, a list, a DataLoader).
@@ -287,14 +365,21 @@ def trainSAE(
     log_steps: every this many steps (and after the first), losses go to the progress bar,
         each trainer's `log.jsonl` and, with `use_wandb`, to wandb (imported only then).
     device: where dict configs without a "device" (and the seed form) train.
-    normalize_activations: scale inputs by s so that E‖s·x‖² = 1 (s from the first batch); the
-        saved and returned dictionaries take raw activations (normalization.py).
+    normalize_activations: scale inputs by s so that E‖s·x‖² = 1 (s from the first
+        NORMALIZATION_BATCHES batches); the saved and returned dictionaries take raw activations
+        (normalization.py).
     autocast_dtype: e.g. torch.bfloat16 to run the training steps under torch.autocast.
     resume_from: the `save_dir` of an interrupted run: continue from its last saved state. Pass
         the same configs and the same `data` from its beginning (the batches already trained
-        on are read and skipped), and the run ends exactly as an uninterrupted one would.
+        on are read and skipped), and the run ends exactly as an uninterrupted one would. Another
+        data source (buffer config or first batch) is an error.
     seed: the seed of every trainer whose config sets none (a sweep's trainers then start from the
         same random draws); None: each trainer draws a random seed, recorded in its config.json.
+    overwrite: replace the files of an earlier run in `save_dir` (without it, and without
+        resume_from, a save_dir holding a run is an error). A run holds save_dir's lock throughout.
+    on_nonfinite: what to do when a trainer's loss is NaN or ±inf: "raise" (stop with an error
+        naming the trainer, the step and the likely cause; the last checkpoint stays as it was) or
+        "skip" (that trainer skips the batch; after MAX_SKIPPED_IN_A_ROW in a row it raises).
     """
     seed_form = trainer_configs is None
     if seed_form:
@@ -308,6 +393,8 @@ def trainSAE(
         raise ValueError(f"steps must be a positive number of batches or None, got {steps}")
     if log_steps is not None and log_steps <= 0:
         raise ValueError(f"log_steps must be positive or None, got {log_steps}")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     checkpoint_steps = _save_steps(save_steps)
     if resume_from is not None:
         resume_from = Path(resume_from)
@@ -319,34 +406,110 @@ def trainSAE(
         save_dir = resume_from if save_dir is None else save_dir
     if checkpoint_steps and save_dir is None:
         raise ValueError("save_steps needs save_dir (where to write the checkpoints)")
+    autocast_dtype = as_dtype(autocast_dtype, "autocast_dtype")
     settings = RunSettings(steps, checkpoint_steps, log_steps, normalize_activations,
-                           str(autocast_dtype) if autocast_dtype is not None else None, seed)
+                           str(autocast_dtype) if autocast_dtype is not None else None, seed, on_nonfinite)
 
     trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
     _check_sites(trainers, data)
     buffer_configs = [_buffer_config(data, trainer.cfg.site) for trainer in trainers]
     for trainer, buffer_config in zip(trainers, buffer_configs):
         _record_provenance(trainer, buffer_config)
-    steps_done, scales = 0, {}
-    if resume_from is not None:
-        steps_done, saved_scales = Checkpointer(resume_from / STATE_FILE).load(trainers)
-        scales = _scales(saved_scales)
-    run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, use_wandb, wandb_project)
+    lock = _claim(save_dir, resume_from, overwrite)
     try:
-        run.start(resume_from, steps_done, scales)
-        steps_done = _train(trainers, _batches_after(data, steps_done), run, steps_done, scales, settings,
-                            autocast_dtype, progress)
+        steps_done, scales, saved_data = 0, {}, None
+        if resume_from is not None:
+            steps_done, saved_scales, saved_data = Checkpointer(resume_from / STATE_FILE).load(trainers)
+            scales = _scales(saved_scales)
+            if steps is not None and steps < steps_done:
+                raise ValueError(f"resume_from: the run already trained {steps_done} steps, more than steps={steps}; "
+                                 "pass steps >= the steps done (or use its checkpoints/ae_N.pt)")
+        batches = iter(data)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("activations yielded no batches: the data iterator is empty")
+        data_record = _data_record(data, first)
+        _check_same_data(saved_data, data_record)
+        batches = _skipped(itertools.chain([first], batches), steps_done)
+        if normalize_activations and not scales:
+            peeked = list(itertools.islice(batches, min(NORMALIZATION_BATCHES, steps or NORMALIZATION_BATCHES)))
+            scales = _activation_scales(peeked, trainers)
+            batches = itertools.chain(peeked, batches)
+        run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, use_wandb, wandb_project, data_record)
+        try:
+            run.start(resume_from, steps_done, scales)
+            steps_done = _train(trainers, batches, run, steps_done, scales, settings, autocast_dtype, progress)
+            if steps is not None and steps_done < steps:
+                warnings.warn(f"trainSAE: the data ran out after {steps_done} of steps={steps} batches; the "
+                              f"dictionaries trained {steps_done} steps (recorded as steps_done in config.json), "
+                              "with LR and sparsity schedules planned for steps", stacklevel=2)
+            run.finish(steps_done, scales)
+        finally:
+            run.close()
     finally:
-        run.close()
-    if steps_done == 0:
-        raise ValueError("activations yielded no batches: the data iterator is empty")
-    run.finish(steps_done, scales)
+        if lock is not None:
+            lock.release()
     for trainer in trainers:
         scale = scales.get(_stream_key(trainer))
         if scale is not None:
             trainer.ae.scale_biases(1.0 / scale)
     dictionaries = [trainer.ae for trainer in trainers]
     return dictionaries[0] if seed_form else dictionaries
+
+
+def _claim(save_dir, resume_from: Path | None, overwrite: bool) -> RunLock | None:
+    """Lock `save_dir` for this run; refuse a folder that holds another run unless resuming it or
+    told to overwrite it (then clear it)."""
+    if save_dir is None:
+        return None
+    lock = RunLock(save_dir).acquire()
+    try:
+        found = previous_run(save_dir)
+        resuming_here = resume_from is not None and Path(save_dir).resolve() == resume_from.resolve()
+        if found is not None and not resuming_here:
+            if not overwrite:
+                raise FileExistsError(f"save_dir {str(save_dir)!r} holds {found}; pass resume_from={str(save_dir)!r} to "
+                                      "continue it, overwrite=True to replace it, or another save_dir")
+            clear_previous_run(save_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+MAX_SKIPPED_IN_A_ROW = 100
+"""on_nonfinite="skip" gives up on a trainer after this many consecutive batches with a non-finite loss."""
+
+
+def _divergence_error(index: int, trainer: SAETrainer, what: str, stream: Any, settings: RunSettings,
+                      run: "_Run") -> FloatingPointError:
+    """The error that stops a run whose trainer diverged: where, when, the likely causes, what was kept."""
+    site = f", site {trainer.cfg.site!r}" if trainer.cfg.site else ""
+    x = stream[0] if isinstance(stream, tuple) else stream
+    mean_norm = float(x.double().norm(dim=-1).mean()) if x is not None else 0.0
+    causes = []
+    if not settings.normalize_activations and mean_norm > 100:
+        causes.append(f"activations with large norms (mean ‖x‖ = {mean_norm:.3g} in this batch): pass "
+                      "normalize_activations=True")
+    if settings.autocast_dtype == str(torch.float16):
+        causes.append("float16 autocast, which overflows above 65504: use torch.bfloat16")
+    causes.append(f"a learning rate too high for this recipe (lr={trainer.lr:g})")
+    kept = (f"the last checkpoint (step {run.last_saved}) in {str(run.save_dir)!r} is intact: fix the cause and "
+            f"resume_from it" if run.last_saved else "nothing was saved (save_steps saves checkpoints)")
+    return FloatingPointError(
+        f"trainer {index} ({type(trainer).__name__}{site}): {what}; the run stopped. Likely causes: "
+        f"{'; '.join(causes)}. {kept[0].upper() + kept[1:]}. on_nonfinite='skip' skips batches whose loss is not "
+        "finite instead.")
+
+
+def _check_weights(trainers: Sequence[SAETrainer], step: int, settings: RunSettings, run: "_Run", batch) -> None:
+    """Stop the run if a dictionary holds NaN or ±inf (before it is logged or saved)."""
+    for index, trainer in enumerate(trainers):
+        bad = trainer.nonfinite_parameters()
+        if bad:
+            stream = _stream(batch, trainer, index, step) if batch is not None else None
+            raise _divergence_error(index, trainer, f"{', '.join(bad)} hold NaN or inf after step {step}", stream,
+                                    settings, run)
 
 
 def _stream_key(trainer: SAETrainer) -> str:
@@ -363,9 +526,11 @@ def _scales(saved: Any) -> dict[str, float]:
 
 def _train(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
            progress) -> int:
-    """The training loop: every trainer steps on every batch (on its site's part of it). Fills
-    `scales` (per stream, from its first batch) with normalize_activations. Returns the steps done."""
+    """The training loop: every trainer steps on every batch (on its site's part of it), its inputs
+    scaled by its stream's entry in `scales`. Returns the steps done."""
     autocasts = [_autocast(trainer.device, autocast_dtype) for trainer in trainers]
+    skipped_in_a_row = [0] * len(trainers)
+    batch = None
     bar = tqdm(total=settings.steps, initial=step, desc="trainSAE", disable=not progress, dynamic_ncols=True)
     with bar:
         for batch in batches:
@@ -376,27 +541,36 @@ def _train(trainers, batches, run, step, scales: dict[str, float], settings: Run
             for index, (trainer, autocast) in enumerate(zip(trainers, autocasts)):
                 key = (_stream_key(trainer), trainer.device)
                 if key not in inputs:
-                    inputs[key] = _prepared(_stream(batch, trainer, index, step), key[0], trainer.device, scales,
-                                            settings.normalize_activations)
-                with autocast:
-                    metrics.append(trainer.update(step, inputs[key]))
+                    inputs[key] = _prepared(_stream(batch, trainer, index, step), scales.get(key[0]), trainer.device)
+                else:
+                    _stream(batch, trainer, index, step, checked=True)
+                try:
+                    with autocast:
+                        metrics.append(trainer.update(step, inputs[key]))
+                    skipped_in_a_row[index] = 0
+                except NonFiniteLoss as error:
+                    skipped_in_a_row[index] += 1
+                    if settings.on_nonfinite == "raise" or skipped_in_a_row[index] >= MAX_SKIPPED_IN_A_ROW:
+                        what = f"the loss is {error.value} at step {step + 1}" + (
+                            f", the {MAX_SKIPPED_IN_A_ROW}th batch in a row" if settings.on_nonfinite == "skip" else "")
+                        raise _divergence_error(index, trainer, what, inputs[key], settings, run) from None
+                    run.skipped_steps[index] += 1
+                    metrics.append({"loss": torch.tensor(error.value)})
             step += 1
             bar.update(1)
             if settings.log_steps is not None and (step % settings.log_steps == 0 or step == 1):
+                _check_weights(trainers, step, settings, run, batch)
                 logged = run.log(step, metrics)
                 bar.set_postfix(loss=f"{logged[0].get('loss', float('nan')):.4g}")
             if step in settings.save_steps:
+                _check_weights(trainers, step, settings, run, batch)
                 run.checkpoint(step, scales)
+    _check_weights(trainers, step, settings, run, batch)
     return step
 
 
-def _prepared(stream, key: str, device: torch.device, scales: dict[str, float], normalize: bool):
-    """A stream's tensors as float32 on `device`, times its activation scale s (from this batch, the
-    stream's first, when normalising and s is not known yet; a pair is scaled by its inputs' s)."""
-    first = stream[0] if isinstance(stream, tuple) else stream
-    if normalize and key not in scales:
-        scales[key] = unit_norm_scale(first)
-    scale = scales.get(key)
+def _prepared(stream, scale: float | None, device: torch.device):
+    """A stream's tensors as float32 on `device`, times its activation scale s (if any)."""
 
     def convert(x):
         x = x.to(device, torch.float32, non_blocking=True)
@@ -416,11 +590,15 @@ class _Run:
     with use_wandb, a wandb run."""
 
     def __init__(self, trainers, settings: RunSettings, buffer_configs: list, save_dir, seed_form: bool,
-                 use_wandb: bool, wandb_project: str):
+                 use_wandb: bool, wandb_project: str, data_record: dict[str, Any]):
         self.trainers, self.settings, self.buffer_configs = trainers, settings, buffer_configs
+        self.save_dir, self.data_record = save_dir, data_record
         self.folder = RunFolder(save_dir, len(trainers), single=seed_form) if save_dir is not None else None
         self.checkpointer = Checkpointer(Path(save_dir) / STATE_FILE) if save_dir is not None else None
         self.scales: dict[str, float] = {}
+        self.steps_done = 0
+        self.last_saved: int | None = None  # steps done at the last state saved
+        self.skipped_steps = [0] * len(trainers)  # batches each trainer skipped (on_nonfinite="skip")
         self.wandb = None
         if use_wandb:
             try:
@@ -436,21 +614,27 @@ class _Run:
     def configs(self) -> list[dict[str, Any]]:
         """Each trainer's config.json."""
         configs = []
-        for trainer, buffer_config in zip(self.trainers, self.buffer_configs):
+        for index, (trainer, buffer_config) in enumerate(zip(self.trainers, self.buffer_configs)):
             scale = self.scale_of(trainer)
-            training = {**vars(self.settings), "activation_scale": scale,
+            training = {**vars(self.settings), "steps_done": self.steps_done, "activation_scale": scale,
                         "norm_factor": None if scale is None else 1.0 / scale}
+            if self.skipped_steps[index]:
+                training["skipped_steps"] = self.skipped_steps[index]
             configs.append({"trainer": trainer.config, "buffer": buffer_config, "training": training})
         return configs
 
     def start(self, resumed_from: Path | None, steps_done: int, scales: dict[str, float]) -> None:
-        self.scales = scales
+        self.scales, self.steps_done = scales, steps_done
+        self.last_saved = steps_done if resumed_from is not None else None
         if self.folder is not None:
             self.folder.start(self.configs(), resumed_from, steps_done)
 
     def log(self, step: int, metrics: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
         records = [{"lr": trainer.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in m.items()}}
                    for trainer, m in zip(self.trainers, metrics)]
+        for record, skipped in zip(records, self.skipped_steps):
+            if skipped:
+                record["skipped_steps"] = skipped
         if self.folder is not None:
             self.folder.log(step, records)
         if self.wandb is not None:
@@ -458,19 +642,23 @@ class _Run:
                            step=step)
         return records
 
+    def save_state(self, step: int) -> None:
+        self.checkpointer.save(self.trainers, step, dict(self.scales), self.data_record)
+        self.last_saved = step
+
     def checkpoint(self, step: int, scales: dict[str, float]) -> None:
-        self.scales = scales
+        self.scales, self.steps_done = scales, step
         self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
                          steps_done=step)
-        self.checkpointer.save(self.trainers, step, dict(scales))
+        self.save_state(step)
 
     def finish(self, steps_done: int, scales: dict[str, float]) -> None:
         """The final weights (ae.pt); with save_steps, also the state at the end, so the run can be extended."""
-        self.scales = scales
+        self.scales, self.steps_done = scales, steps_done
         if self.folder is None:
             return
         if self.settings.save_steps and steps_done not in self.settings.save_steps:
-            self.checkpointer.save(self.trainers, steps_done, dict(scales))
+            self.save_state(steps_done)
         self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
                          steps_done=None)
 

@@ -141,7 +141,8 @@ def test_normalize_activations_folds_the_scale_into_the_saved_weights(tmp_path):
     training = json.loads((tmp_path / "trainer_0" / "config.json").read_text())["training"]
     s = training["activation_scale"]
     assert training["norm_factor"] == pytest.approx(1 / s)
-    assert (batches[0] * s).pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-5)
+    # s from the first NORMALIZATION_BATCHES batches (here all 8) together
+    assert (torch.cat(batches) * s).pow(2).sum(-1).mean().item() == pytest.approx(1.0, rel=1e-5)
     # the same recipes trained on s·x without normalisation are the dictionaries before folding
     on_scaled = trainSAE(Stream([x * s for x in batches]), trainer_configs=configs, steps=8, progress=False)
     x = make_batches(1, seed=5)[0] * 7.0

@@ -34,7 +34,7 @@ def test_recipes_whose_l0_is_set_otherwise_reject_or_keep_their_meaning():
         build_trainer({"trainer": "TopKTrainer", "activation_dim": 8, "dict_size": 16, "k": 4, "target_l0": 8})
     jumprelu = build_trainer({"trainer": "JumpReluTrainer", "activation_dim": 8, "dict_size": 16, "target_l0": 8})
     assert jumprelu.l0_controller is None  # its target_l0 is the penalty (L0/T − 1)²
-    with pytest.raises(ValueError, match="target_l0 must be positive"):
+    with pytest.raises(ValueError, match=r"target_l0 must be a number in \(0, dict_size=16\]"):
         build_trainer({"trainer": "StandardTrainer", "activation_dim": 8, "dict_size": 16, "target_l0": 0})
 
 

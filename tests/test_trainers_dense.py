@@ -299,8 +299,10 @@ def test_p_follows_the_schedule(name):
 
 @pytest.mark.parametrize("name", ["PAnnealTrainer", "GatedAnnealTrainer"])
 def test_penalty_is_continuous_when_p_changes(name):
-    # lr = 0: the weights stay put, so the same batch gives the same features before and after
-    trainer = make_trainer(name, steps=20, lr=0.0, sparsity_queue_length=1)
+    # lr = 0 (set on the trainer: a config refuses it): the weights stay put, so the same batch gives
+    # the same features before and after
+    trainer = make_trainer(name, steps=20, sparsity_queue_length=1)
+    trainer.lr = 0.0
     x = random_batches(1)[0].abs() * 0.5
     for step in range(4):
         trainer.update(step, random_batches(1, seed=step + 1)[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, NamedTuple
@@ -19,6 +20,7 @@ from typing import Any, ClassVar, Iterable, NamedTuple
 import torch
 import torch.nn as nn
 
+from ..checks import check_device
 from ..dictionary import Dictionary
 from ..kernels import SparseCodes
 
@@ -60,6 +62,38 @@ class TrainerConfig:
     site: str | None = None
     """the site this trainer reads when the data yields several (a multi-site ActivationBuffer's
     batches are dicts site -> activations); None: the data's only stream."""
+
+    def __post_init__(self):
+        """Check the fields every recipe has (a recipe checks its own where it uses them): each
+        error names the field, the value given and what it must be."""
+        name = type(self).__name__
+        for field in ("activation_dim", "dict_size"):
+            _check_count(name, field, getattr(self, field), minimum=1)
+        for field in ("warmup_steps",):
+            _check_count(name, field, getattr(self, field), minimum=0)
+        for field in ("decay_start", "steps", "sparsity_warmup_steps", "seed"):
+            if getattr(self, field) is not None:
+                _check_count(name, field, getattr(self, field), minimum=1 if field == "steps" else 0)
+        if self.lr is not None and not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{name}: lr must be a positive finite number or None (the recipe's default); got "
+                             f"{self.lr!r}")
+        penalty = getattr(self, "sparsity_penalty", None)
+        if penalty is not None and not (_is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
+            raise ValueError(f"{name}: sparsity_penalty (λ) must be a finite number >= 0; got {penalty!r}")
+        if self.target_l0 is not None and not (_is_number(self.target_l0) and 0 < self.target_l0 <= self.dict_size):
+            raise ValueError(f"{name}: target_l0 must be a number in (0, dict_size={self.dict_size}] or None; got "
+                             f"{self.target_l0!r}")
+        self.device = str(check_device(self.device, f"{name}: device"))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_count(config_name: str, field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive int" if minimum == 1 else "an int >= 0"
+        raise ValueError(f"{config_name}: {field} must be {what}; got {value!r}")
 
 
 def config_field_names(config_class: type[TrainerConfig]) -> list[str]:
@@ -309,6 +343,16 @@ def resample_dead_latents_(
 # --------------------------------------------------------------------------------------------
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss of a training step is NaN or ±inf. Raised by `SAETrainer.update` before the
+    backward pass, so the step changed no training state; trainSAE turns it into an error naming
+    the trainer and the likely cause (or skips the batch, with on_nonfinite="skip")."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"the loss is {value} at step {step}")
+        self.step, self.value = step, value
+
+
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to minimise
     features: torch.Tensor | SparseCodes  # the batch's features [N, F] (for dead-latent tracking)
@@ -400,6 +444,8 @@ class SAETrainer:
         self.set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.loss(x, step)
+        if not bool(torch.isfinite(out.loss)):
+            raise NonFiniteLoss(step, out.loss.item())
         out.loss.backward()
         self.before_optimizer_step(step)
         self.optimizer.step()
@@ -419,6 +465,11 @@ class SAETrainer:
             **dataclasses.asdict(self.cfg),
             "lr": self.lr,
         }
+
+    def nonfinite_parameters(self) -> list[str]:
+        """The names of the dictionary's parameters that hold a NaN or ±inf (a step whose loss was
+        finite can still overflow in its gradient)."""
+        return [name for name, p in self.ae.named_parameters() if not bool(torch.isfinite(p).all())]
 
     def extra_state(self) -> dict[str, Any]:
         """Recipe-specific training state beyond the dictionary, optimizer and dead counters."""
