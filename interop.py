@@ -214,15 +214,16 @@ def saelens_state_dict(dictionary: Dictionary) -> tuple[dict[str, torch.Tensor],
     tensors = {name: ours[name].contiguous().cpu() for name in SAELENS_TENSORS[entry.saelens]}
     cfg: dict[str, Any] = {"architecture": entry.saelens, "apply_b_dec_to_input": entry.centres_input,
                            "activation_fn": "relu", "activation_fn_kwargs": {}}
-    if "k" in ours:  # what SAELens cannot express goes into our own block
+    block: dict[str, Any] = {"dict_class": entry.name}  # what SAELens cannot express goes into our own block
+    if "k" in ours:
         k = int(ours["k"])
-        block: dict[str, Any] = {"dict_class": entry.name, "k": k}
+        block["k"] = k
         if entry.saelens == "topk":
             cfg.update(k=k, activation_fn="topk", activation_fn_kwargs={"k": k})
             block["threshold"] = float(ours["threshold"])
         if "group_sizes" in ours:
             block["group_sizes"] = ours["group_sizes"].tolist()
-        cfg[_OUR_CFG_KEY] = block
+    cfg[_OUR_CFG_KEY] = block
     cfg.update(d_in=dictionary.activation_dim, d_sae=dictionary.dict_size)
     return tensors, cfg
 

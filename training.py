@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .files import json_default
 from .normalization import activation_scale as unit_norm_scale
-from .registry import recipe_class
+from .registry import dictionary_class, recipe_class
 from .runs import STATE_FILE, Checkpointer, RunFolder, current_field_names, exported_weights
 from .sites import layer_of
 from .trainers.base import ConstrainedAdam, SAETrainer, TrainerConfig, config_field_names
@@ -54,10 +54,11 @@ def build_trainer(
         config = current_field_names(copy.deepcopy(dict(config)))
         trainer = config.pop("trainer", None) or config.pop("trainer_class", None)
         config.pop("trainer_class", None)
-        config.pop("dict_class", None)
+        dict_class = config.pop("dict_class", None)
         if trainer is None:
             raise ValueError("trainer config dict needs a 'trainer' key: a recipe name such as 'TopKTrainer'")
         trainer_class = recipe_class(trainer) if isinstance(trainer, str) else trainer
+        _check_dict_class(dict_class, trainer_class)
         valid = config_field_names(trainer_class.Config)
         unknown = sorted(set(config) - set(valid))
         if unknown:
@@ -82,6 +83,22 @@ def build_trainer(
             "lower warmup_steps or train for more steps"
         )
     return trainer_class(config)
+
+
+def _check_dict_class(dict_class: Any, trainer_class: type[SAETrainer]) -> None:
+    """A config's `dict_class` (the reference's key: a class or its name) must be what the recipe
+    trains; here it only confirms the choice, since a recipe trains one class."""
+    if dict_class is None:
+        return
+    expected = trainer_class.dictionary_class
+    name = getattr(dict_class, "__name__", dict_class)
+    try:
+        matches = dictionary_class(name) is expected
+    except ValueError:
+        matches = False
+    if not matches:
+        raise ValueError(f"dict_class {name!r} does not match {trainer_class.__name__}, which trains "
+                         f"{expected.__name__}: drop dict_class, or pick a recipe that trains {name}")
 
 
 # --------------------------------------------------------------------------------------------

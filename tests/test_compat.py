@@ -1,0 +1,315 @@
+"""Compatibility with the libraries users come from, checked against their documented behaviour:
+
+- saprmarks/dictionary_learning (the reference): the calls of its README and of its tests
+  (tests/unit/test_dictionary.py, tests/test_end_to_end.py, tests/test_pytorch_end_to_end.py),
+  written here against what the reference computes;
+- SAEBench: the attributes it reads off an SAE object, on every architecture of the registry.
+"""
+import json
+import warnings
+
+import pytest
+import torch
+import torch as t
+import torch.nn.functional as F
+from lm_fixtures import documents, tiny_gpt_neox, tiny_language_model, tiny_tokenizer
+
+from dictionary_learning import ActivationBuffer, load_bundled_model, stdlib_text_stream, utils
+from dictionary_learning.dictionary import (
+    AutoEncoder,
+    AutoEncoderNew,
+    GatedAutoEncoder,
+    JumpReluAutoEncoder,
+)
+from dictionary_learning.evaluation import evaluate
+from dictionary_learning.trainers.standard import StandardTrainer
+from dictionary_learning.trainers.top_k import AutoEncoderTopK, TopKTrainer
+from dictionary_learning.training import build_trainer, trainSAE
+from dictionary_learning.utils import get_nested_folders, load_dictionary
+
+# =============================================================================================
+# The reference's tests/unit/test_dictionary.py, call for call
+# =============================================================================================
+
+
+@pytest.mark.parametrize("sae_cls", [AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder])
+def test_reference_forward_equals_decode_encode(sae_cls):
+    x = t.randn(4, 8, generator=t.Generator().manual_seed(0))
+    sae = sae_cls(activation_dim=8, dict_size=6)
+    assert t.allclose(sae(x), sae.decode(sae.encode(x)))
+    forward_out, features = sae(x, output_features=True)
+    assert t.allclose(features, sae.encode(x))
+
+
+def test_reference_simple_autoencoder_set_through_data():
+    sae = AutoEncoder(activation_dim=2, dict_size=2)
+    with t.no_grad():
+        sae.encoder.weight.data = t.tensor([[1.0, 0.0], [0.0, 1.0]])
+        sae.decoder.weight.data = t.tensor([[1.0, 0.0], [0.0, 1.0]])
+        sae.encoder.bias.data = t.zeros(2)
+        sae.bias.data = t.zeros(2)
+    x = t.tensor([[2.0, -1.0]])
+    encoded = sae.encode(x)
+    assert t.allclose(encoded, t.tensor([[2.0, 0.0]]))
+    assert t.allclose(sae.decode(encoded), t.tensor([[2.0, 0.0]]))
+
+
+def test_reference_simple_gated_autoencoder():
+    sae = GatedAutoEncoder(activation_dim=2, dict_size=2)
+    with t.no_grad():
+        sae.encoder.weight.data = t.tensor([[1.0, 0.0], [0.0, 1.0]])
+        sae.decoder.weight.data = t.tensor([[1.0, 0.0], [0.0, 1.0]])
+        sae.gate_bias.data = t.zeros(2)
+        sae.mag_bias.data = t.zeros(2)
+        sae.r_mag.data = t.zeros(2)
+        sae.decoder_bias.data = t.zeros(2)
+    assert t.allclose(sae.encode(t.tensor([[2.0, -1.0]])), t.tensor([[2.0, 0.0]]))
+
+
+def test_reference_normalize_decoder_and_scale_biases(tmp_path):
+    sae = AutoEncoder(activation_dim=4, dict_size=3)
+    with t.no_grad():  # free decoder norms, as the April update trains them
+        sae.decoder.weight.data *= t.tensor([0.5, 2.0, 3.0])
+    x = t.randn(2, 4, generator=t.Generator().manual_seed(1))
+    initial_output = sae(x)
+    t.save(sae.state_dict(), tmp_path / "ae.pt")
+    sae.normalize_decoder()
+    norms = t.norm(sae.decoder.weight, dim=0)
+    assert t.allclose(norms, t.ones_like(norms))
+    assert t.allclose(initial_output, sae(x), atol=1e-4)
+    loaded = AutoEncoder.from_pretrained(tmp_path / "ae.pt", dtype=t.float, device=None, normalize_decoder=True)
+    assert t.equal(loaded.decoder.weight, sae.decoder.weight)
+
+    initial_encoder_bias, initial_bias = sae.encoder.bias.data.clone(), sae.bias.data.clone()
+    sae.scale_biases(2.0)
+    assert t.allclose(sae.encoder.bias.data, initial_encoder_bias * 2.0)
+    assert t.allclose(sae.bias.data, initial_bias * 2.0)
+
+
+@pytest.mark.parametrize("sae_cls", [AutoEncoder, GatedAutoEncoder, AutoEncoderNew, JumpReluAutoEncoder])
+def test_reference_output_shapes(sae_cls):
+    x = t.randn(3, 4)
+    sae = sae_cls(activation_dim=4, dict_size=5)
+    encoded = sae.encode(x)
+    assert encoded.shape == (3, 5) and sae.decode(encoded).shape == (3, 4) and sae(x).shape == (3, 4)
+    output, features = sae(x, output_features=True)
+    assert output.shape == (3, 4) and features.shape == (3, 5)
+
+
+# =============================================================================================
+# The reference's attribute names: views of the same parameters
+# =============================================================================================
+
+
+def test_reference_names_are_views_of_our_parameters():
+    sae = AutoEncoder(6, 10)
+    assert sae.encoder.weight.shape == (10, 6) and sae.decoder.weight.shape == (6, 10)
+    assert sae.encoder.weight.data_ptr() == sae.W_enc.data_ptr() and sae.bias is sae.b_dec
+    assert sae.encoder.bias is sae.b_enc and sae.decoder.bias is None
+    assert (sae.encoder.in_features, sae.encoder.out_features) == (6, 10)
+    assert sorted(sae.state_dict()) == ["bias", "decoder.weight", "encoder.bias", "encoder.weight"]
+    assert len(list(sae.parameters())) == 4  # nothing stored twice
+
+    x = t.randn(5, 6)
+    assert t.allclose(sae.encoder(x - sae.bias).relu(), sae.encode(x), atol=1e-6)  # the reference's encode
+    sae.encoder.weight.sum().backward()  # gradients flow through the view into W_enc
+    assert t.equal(sae.W_enc.grad, t.ones(6, 10))
+
+    new = t.randn(10, 6)
+    sae.encoder.weight = new  # nn.Linear-style assignment copies in
+    assert t.equal(sae.W_enc, new.T)
+    with t.no_grad():
+        sae.decoder.weight.data /= 2  # the reference's normalize_decoder writes this way
+    assert t.equal(sae.decoder.weight, sae.W_dec.T)
+    sae.bias = t.full((6,), 3.0)
+    assert t.equal(sae.b_dec, t.full((6,), 3.0)) and isinstance(sae.b_dec, t.nn.Parameter)
+    with pytest.raises(ValueError, match=r"encoder.weight must have shape \(10, 6\)"):
+        sae.encoder.weight.data = t.zeros(6, 10)
+    with pytest.raises(AttributeError, match="set encoder.weight or encoder.bias"):
+        sae.encoder = t.nn.Linear(6, 10)
+
+    topk = AutoEncoderTopK(6, 10, k=2)
+    assert topk.encoder.weight.data_ptr() == topk.W_enc.data_ptr() and topk.encoder.bias is topk.b_enc
+    gated = GatedAutoEncoder(6, 10)
+    assert gated.encoder.bias is None and gated.gate_bias is gated.b_gate and gated.mag_bias is gated.b_mag
+    assert gated.decoder_bias is gated.b_dec
+
+
+# =============================================================================================
+# AutoEncoderNew: the reference's equations and folders
+# =============================================================================================
+
+
+def reference_autoencoder_new_state(D=6, F_=9, seed=0):
+    g = t.Generator().manual_seed(seed)
+    return {"encoder.weight": t.randn(F_, D, generator=g), "encoder.bias": t.randn(F_, generator=g),
+            "decoder.weight": t.randn(D, F_, generator=g), "decoder.bias": t.randn(D, generator=g)}
+
+
+def test_autoencoder_new_is_the_reference_architecture(tmp_path):
+    state = reference_autoencoder_new_state()
+    x = t.randn(7, 6, generator=t.Generator().manual_seed(1))
+    f = t.relu(x @ state["encoder.weight"].T + state["encoder.bias"])  # the reference: ReLU(encoder(x))
+    x_hat = f @ state["decoder.weight"].T + state["decoder.bias"]  # decoder(f), with its bias
+    for name in ("AutoEncoderNew", None):  # named by the folder's config, or recognised by its keys
+        folder = tmp_path / str(name)
+        folder.mkdir()
+        t.save(state, folder / "ae.pt")
+        (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": name} if name else {}}))
+        ae, _ = load_dictionary(folder, "cpu")
+        assert type(ae) is AutoEncoderNew
+        assert t.allclose(ae.encode(x), f, atol=1e-5) and t.allclose(ae(x), x_hat, atol=1e-5)
+        # the reference's forward returns the features times the decoder column norms
+        assert t.allclose(ae(x, output_features=True)[1], f * state["decoder.weight"].norm(dim=0), atol=1e-5)
+        assert t.equal(ae.decoder.bias, state["decoder.bias"]) and t.equal(ae.encoder.weight, state["encoder.weight"])
+    fresh = AutoEncoderNew(6, 9)  # the reference's initialisation: directions of norm 0.1, tied
+    assert t.allclose(fresh.decoder.weight.norm(dim=0), t.full((9,), 0.1))
+    assert t.equal(fresh.encoder.weight, fresh.decoder.weight.T) and not fresh.decoder.bias.any()
+
+
+# =============================================================================================
+# Trainers: the reference's keyword arguments
+# =============================================================================================
+
+# Every keyword each reference trainer takes (its __init__), with its default where it has one; but
+# p_end, whose default 0 we refuse (at p = 0 the penalty Σ f_i^0 has no gradient).
+REFERENCE_TRAINER_KWARGS = {
+    "StandardTrainer": dict(dict_class=AutoEncoder, lr=1e-3, l1_penalty=1e-1, warmup_steps=1000,
+                            sparsity_warmup_steps=2000, decay_start=None, resample_steps=None),
+    "StandardTrainerAprilUpdate": dict(dict_class=AutoEncoder, lr=1e-3, l1_penalty=1e-1, warmup_steps=1000,
+                                       sparsity_warmup_steps=2000, decay_start=None),
+    "TopKTrainer": dict(k=8, dict_class=AutoEncoderTopK, lr=None, auxk_alpha=1 / 32, warmup_steps=1000,
+                        decay_start=None, threshold_beta=0.999, threshold_start_step=1000, k_anneal_steps=None),
+    "BatchTopKTrainer": dict(k=8, dict_class="BatchTopKSAE", lr=None, auxk_alpha=1 / 32, warmup_steps=1000,
+                             decay_start=None, threshold_beta=0.999, threshold_start_step=1000, k_anneal_steps=None),
+    "MatryoshkaBatchTopKTrainer": dict(k=8, group_fractions=[0.25, 0.75], group_weights=None,
+                                       dict_class="MatryoshkaBatchTopKSAE", lr=None, auxk_alpha=1 / 32,
+                                       warmup_steps=1000, decay_start=None, threshold_beta=0.999,
+                                       threshold_start_step=1000, k_anneal_steps=None),
+    "GatedSAETrainer": dict(dict_class=GatedAutoEncoder, lr=5e-5, l1_penalty=1e-1, warmup_steps=1000,
+                            sparsity_warmup_steps=2000, decay_start=None),
+    "GatedAnnealTrainer": dict(dict_class=GatedAutoEncoder, lr=3e-4, warmup_steps=1000, sparsity_warmup_steps=2000,
+                               decay_start=None, sparsity_function="Lp^p", initial_sparsity_penalty=1e-1,
+                               anneal_start=15000, anneal_end=None, p_start=1, p_end=0.2, n_sparsity_updates=10,
+                               sparsity_queue_length=10, resample_steps=None),
+    "PAnnealTrainer": dict(dict_class=AutoEncoder, lr=1e-3, warmup_steps=1000, decay_start=None,
+                           sparsity_warmup_steps=2000, sparsity_function="Lp", initial_sparsity_penalty=1e-1,
+                           anneal_start=15000, anneal_end=None, p_start=1, p_end=0.2, n_sparsity_updates=10,
+                           sparsity_queue_length=10, resample_steps=None),
+    "JumpReluTrainer": dict(dict_class=JumpReluAutoEncoder, lr=7e-5, bandwidth=0.001, sparsity_penalty=1.0,
+                            warmup_steps=1000, sparsity_warmup_steps=2000, decay_start=None, target_l0=20.0),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_TRAINER_KWARGS))
+def test_trainers_take_every_reference_keyword(name):
+    config = {"trainer": name, "steps": 30_000, "activation_dim": 16, "dict_size": 64, "layer": 3,
+              "lm_name": "EleutherAI/pythia-70m-deduped", "seed": 0, "device": "cpu",
+              "wandb_name": f"{name}-run", "submodule_name": "resid_post_layer_3", **REFERENCE_TRAINER_KWARGS[name]}
+    trainer = build_trainer(config)
+    assert trainer.cfg.name == f"{name}-run" and trainer.cfg.layer == 3  # wandb_name is our `name`
+    assert trainer.config["lm_name"] == "EleutherAI/pythia-70m-deduped"
+
+
+def test_dict_class_must_be_what_the_recipe_trains():
+    with pytest.raises(ValueError, match="dict_class 'GatedAutoEncoder' does not match TopKTrainer"):
+        build_trainer({"trainer": TopKTrainer, "dict_class": GatedAutoEncoder, "activation_dim": 8, "dict_size": 16,
+                       "k": 2})
+
+
+def test_k_annealing_follows_the_reference_schedule():
+    D, K, steps, k = 16, 10, 14, 4
+    trainer = build_trainer({"trainer": "TopKTrainer", "activation_dim": D, "dict_size": 64, "k": k,
+                             "k_anneal_steps": K, "steps": steps, "warmup_steps": 0, "threshold_start_step": 5,
+                             "seed": 0})
+    batches = torch.randn(steps, 32, D, generator=torch.Generator().manual_seed(0))
+    for step, x in enumerate(batches):
+        trainer.update(step, x)
+        ratio = min(step, K) / K
+        assert int(trainer.ae.k) == int(D * (1 - ratio) + k * ratio)
+    assert int(trainer.ae.k) == k
+    with pytest.raises(ValueError, match="k_anneal_steps must be in"):
+        build_trainer({"trainer": "TopKTrainer", "activation_dim": D, "dict_size": 64, "k": k, "k_anneal_steps": 20,
+                       "steps": 20, "warmup_steps": 0, "threshold_start_step": 5})
+
+
+# =============================================================================================
+# evaluate: the reference's argument order and keys
+# =============================================================================================
+
+MLP = "gpt_neox.layers.0.mlp"
+
+
+@pytest.mark.filterwarnings("ignore:frac_alive was measured")
+def test_evaluate_takes_the_reference_order_and_returns_its_keys():
+    model = tiny_language_model()
+    buffer = ActivationBuffer(iter(documents(200, min_sentences=3)), model, MLP, n_ctxs=16, ctx_len=32,
+                              refresh_batch_size=8, out_batch_size=64)
+    ae = AutoEncoder(32, 128)
+    # the reference's tests/test_end_to_end.py: (dictionary, buffer, context_length, llm_batch_size, io=, device=, n_batches=)
+    out = evaluate(ae, buffer, 16, 4, io="out", device="cpu", n_batches=2)
+    assert out["n_batches"] == 2 and out["n_tokens"] == 2 * 4 * 15  # max_len 16, 4 texts per batch
+    reference_keys = {"l2_loss", "l1_loss", "l0", "frac_variance_explained", "cossim", "l2_ratio",
+                      "relative_reconstruction_bias", "loss_original", "loss_reconstructed", "loss_zero",
+                      "frac_recovered", "frac_alive"}
+    assert reference_keys <= set(out)
+    assert (out["l1_loss"], out["loss_original"], out["loss_reconstructed"], out["loss_zero"]) == \
+           (out["l1"], out["ce_clean"], out["ce_reconstructed"], out["ce_zero"])
+    assert out["frac_recovered"] == pytest.approx(
+        (out["loss_reconstructed"] - out["loss_zero"]) / (out["loss_original"] - out["loss_zero"]))
+    # every argument positionally, tracer_args as the reference passes them
+    batches = [torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    out = evaluate(ae, iter(batches), 128, 128, None, False, {"use_cache": False}, "cpu", 3)
+    assert out["n_batches"] == 3
+    f = torch.cat([ae.encode(x) for x in batches[:3]]).detach()
+    assert out["l1_loss"] == pytest.approx(f.abs().sum(-1).mean().item(), rel=1e-5)
+    traced = evaluate(ae, buffer, 16, 4, tracer_args={"use_cache": False, "output_attentions": False})
+    assert traced["loss_original"] > 0
+
+
+# =============================================================================================
+# The reference's README and end-to-end tests, on the bundled model
+# =============================================================================================
+
+
+@pytest.mark.filterwarnings("ignore:TopKTrainer. threshold_start_step")
+def test_reference_readme_training_and_loading(tmp_path):
+    model = load_bundled_model()
+    layer = 1
+    submodule = model.gpt_neox.layers[1].mlp  # layer 1 MLP
+    activation_dim = 128
+    buffer = ActivationBuffer(data=stdlib_text_stream(), model=model, submodule=submodule,
+                              d_submodule=activation_dim, n_ctxs=int(64), device="cpu", refresh_batch_size=16,
+                              out_batch_size=128)
+    trainer_cfg = {"trainer": TopKTrainer, "dict_class": AutoEncoderTopK, "activation_dim": activation_dim,
+                   "dict_size": 4 * activation_dim, "lr": 1e-3, "device": "cpu", "steps": 20, "layer": layer,
+                   "lm_name": "tiny-pythia", "warmup_steps": 1, "k": 16}
+    standard_cfg = {"trainer": StandardTrainer, "dict_class": AutoEncoder, "activation_dim": activation_dim,
+                    "dict_size": 4 * activation_dim, "lr": 3e-4, "l1_penalty": 2.0, "warmup_steps": 1,
+                    "sparsity_warmup_steps": None, "decay_start": None, "steps": 20, "resample_steps": None,
+                    "seed": 42, "wandb_name": "StandardTrainer-tiny", "layer": layer, "lm_name": "tiny-pythia",
+                    "device": "cpu", "submodule_name": "mlp_out_layer_1"}
+    trainSAE(data=buffer, trainer_configs=[trainer_cfg, standard_cfg], steps=20, save_steps=None,
+             save_dir=str(tmp_path))
+    folders = get_nested_folders(tmp_path)
+    assert len(folders) == 2
+    for folder in folders:
+        ae, config = utils.load_dictionary(folder, device="cpu")  # the README's `utils.load_dictionary`
+        assert config["trainer"]["dict_class"] in ("AutoEncoderTopK", "AutoEncoder")
+        assert config["buffer"]["ctx_len"] == 128 and config["trainer"]["activation_dim"] == 128
+        activations = torch.randn(64, activation_dim)
+        features = ae.encode(activations)
+        assert t.allclose(ae.decode(features), ae(activations), atol=1e-5)
+        reconstructed, features_too = ae(activations, output_features=True)
+        assert t.allclose(features_too, features)
+    assert json.loads((tmp_path / "trainer_1" / "config.json").read_text())["trainer"]["name"] == "StandardTrainer-tiny"
+
+
+def test_reference_pytorch_buffer_import_path():
+    from dictionary_learning.pytorch_buffer import ActivationBuffer as PytorchBuffer
+
+    hf = tiny_gpt_neox()
+    buffer = PytorchBuffer(iter(documents(60)), hf, hf.gpt_neox.layers[1], d_submodule=32, io="out", n_ctxs=8,
+                           ctx_len=16, refresh_batch_size=4, out_batch_size=32, device="cpu",
+                           tokenizer=tiny_tokenizer())
+    assert next(buffer).shape == (32, 32) and buffer.config["submodule"] == "gpt_neox.layers.1"
