@@ -26,7 +26,9 @@ copies, so an export followed by an import gives identical outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ import torch
 from .dictionary import Dictionary
 from .files import atomic_write, atomic_write_json, load_state_dict, read_json_object
 from .registry import ARCHITECTURES, Architecture, architecture, infer_architecture, saelens_architecture
+from .saebench import DictionaryConfig, config_from_run
 
 __all__ = [
     "load_dictionary",
@@ -110,7 +113,8 @@ def load_dictionary(
     `path`: a trainer folder (`ae.pt` + `config.json`, as written by trainSAE or by
     saprmarks/dictionary_learning), its `ae.pt`, a checkpoint `checkpoints/ae_STEP.pt` (read with
     the folder's config.json), or a SAELens folder (`cfg.json` + `sae_weights.safetensors`).
-    The class is `config["trainer"]["dict_class"]` (recognised from the weights when absent).
+    The class is `config["trainer"]["dict_class"]` (recognised from the weights when absent). The
+    dictionary's `cfg` (SAEBench's) says what config.json records: model, hook point, layer, context size.
     `normalize_decoder`: a dictionary whose decoder directions are not unit-norm has the norms
     moved into its encoder where that keeps x̂ (AutoEncoder.normalize_decoder), as the reference
     loader does.
@@ -130,6 +134,7 @@ def load_dictionary(
         dictionary = dictionary_from_reference(dict_class, state_dict, trainer_config, normalize_decoder)
     except ValueError as e:
         raise ValueError(f"cannot load {str(weights)!r} as {dict_class} (from {str(config_path)!r}): {e}") from None
+    dictionary.cfg = config_from_run(config, dictionary.default_cfg())
     if device is not None or dtype is not None:
         dictionary = dictionary.to(device=device, dtype=dtype)
     return dictionary, config
@@ -372,13 +377,37 @@ def _dictionary_from_saelens(
     return dictionary
 
 
+def _config_from_saelens(cfg: dict[str, Any], base: DictionaryConfig) -> DictionaryConfig:
+    """`base` with what a SAELens cfg.json records about the inputs (top level, or under
+    `metadata` from SAELens 6 on): model, hook point (and a transcoder's output hook), layer
+    (read off the hook name when absent), context size, BOS, dataset, Neuronpedia id."""
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+
+    def field(name: str, default: Any = None) -> Any:
+        value = cfg.get(name, metadata.get(name))
+        return default if value is None else value
+
+    hook_name = str(field("hook_name", field("hook_point", "")))
+    layer = field("hook_layer")
+    if layer is None and re.search(r"\d+", hook_name):
+        layer = int(re.search(r"\d+", hook_name).group(0))
+    return dataclasses.replace(
+        base, model_name=str(field("model_name", "")), hook_name=hook_name, hook_layer=layer,
+        context_size=field("context_size"), hook_head_index=field("hook_head_index"),
+        prepend_bos=bool(field("prepend_bos", True)), dataset_path=str(field("dataset_path", "")),
+        neuronpedia_id=field("neuronpedia_id"),
+        hook_name_out=field("hook_name_out") if base.d_out is not None else None,
+    )
+
+
 def load_saelens(
     folder: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     activation_scale: float | None = None,
 ) -> tuple[Dictionary, dict[str, Any]]:
-    """(dictionary, cfg) from a SAELens folder holding `cfg.json` and `sae_weights.safetensors`."""
+    """(dictionary, cfg) from a SAELens folder holding `cfg.json` and `sae_weights.safetensors`;
+    the dictionary's `cfg` (SAEBench's) holds the model and hook point cfg.json records."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -394,6 +423,7 @@ def load_saelens(
     except Exception as e:
         raise ValueError(f"could not read {str(weights_path)!r} as a safetensors file: {e}") from e
     dictionary = _dictionary_from_saelens(tensors, cfg, activation_scale)  # fresh tensors: no copy
+    dictionary.cfg = _config_from_saelens(cfg, dictionary.default_cfg())
     if device is not None or dtype is not None:
         dictionary = dictionary.to(device=device, dtype=dtype)
     return dictionary, cfg

@@ -29,6 +29,7 @@ from .files import json_default
 from .normalization import activation_scale as unit_norm_scale
 from .registry import dictionary_class, recipe_class
 from .runs import STATE_FILE, Checkpointer, RunFolder, current_field_names, exported_weights
+from .saebench import config_from_run
 from .sites import layer_of
 from .trainers.base import ConstrainedAdam, SAETrainer, TrainerConfig, config_field_names
 
@@ -358,10 +359,11 @@ def trainSAE(
     if steps_done == 0:
         raise ValueError("activations yielded no batches: the data iterator is empty")
     run.finish(steps_done, scales)
-    for trainer in trainers:
+    for trainer, config in zip(trainers, run.configs()):
         scale = scales.get(_stream_key(trainer))
         if scale is not None:
             trainer.ae.scale_biases(1.0 / scale)
+        trainer.ae.cfg = config_from_run(config, trainer.ae.default_cfg())
     dictionaries = [trainer.ae for trainer in trainers]
     return dictionaries[0] if seed_form else dictionaries
 

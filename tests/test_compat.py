@@ -313,3 +313,124 @@ def test_reference_pytorch_buffer_import_path():
                            ctx_len=16, refresh_batch_size=4, out_batch_size=32, device="cpu",
                            tokenizer=tiny_tokenizer())
     assert next(buffer).shape == (32, 32) and buffer.config["submodule"] == "gpt_neox.layers.1"
+
+
+# =============================================================================================
+# SAEBench: what it reads off an SAE object, on every architecture of the registry
+# =============================================================================================
+
+# the fields of SAEBench's CustomSAEConfig (sae_bench/custom_saes/custom_sae_config.py)
+SAEBENCH_CFG_FIELDS = ("model_name", "d_in", "d_sae", "hook_layer", "hook_name", "context_size", "hook_head_index",
+                       "architecture", "apply_b_dec_to_input", "finetuning_scaling_factor", "activation_fn_str",
+                       "activation_fn_kwargs", "prepend_bos", "normalize_activations", "dtype", "device",
+                       "model_from_pretrained_kwargs", "dataset_path", "dataset_trust_remote_code", "seqpos_slice",
+                       "training_tokens", "sae_lens_training_version", "neuronpedia_id")
+D, F_, D_OUT = 8, 32, 6
+
+
+def any_dictionary(entry, seed=0):
+    """An instance of the entry's class with random weights (a transcoder reads D and writes D_OUT)."""
+    import inspect
+
+    parameters = inspect.signature(entry.dictionary).parameters
+    extra = {"k": 3, "group_sizes": [8, 24], "output_dim": D_OUT}
+    generator = torch.Generator().manual_seed(seed)
+    ae = entry.dictionary(D, F_, **{name: extra[name] for name in extra if name in parameters}, generator=generator)
+    with torch.no_grad():
+        for name, tensor in ae.named_parameters():
+            tensor.add_(torch.rand(tensor.shape, generator=generator) * 0.1 if name == "threshold" else
+                        torch.randn(tensor.shape, generator=generator) * 0.1)
+    return ae
+
+
+def _registry():
+    from dictionary_learning.registry import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+@pytest.mark.parametrize("entry", _registry(), ids=lambda entry: entry.name)
+def test_saebench_attribute_contract(entry):
+    ae = any_dictionary(entry)
+    d_out = getattr(ae, "output_dim", D) if "Transcoder" in entry.name else D
+    parameters = {id(p) for p in ae.parameters()}
+    assert ae.W_enc.shape == (D, F_) and ae.W_dec.shape == (F_, d_out) and ae.b_dec.shape == (d_out,)
+    assert {id(ae.W_enc), id(ae.W_dec), id(ae.b_dec)} <= parameters  # the parameters themselves, not copies
+    if entry.name == "GatedAutoEncoder":  # as SAELens' and SAEBench's gated SAEs: b_gate and b_mag, no b_enc
+        assert ae.b_mag.shape == ae.b_gate.shape == (F_,) and ae.cfg.architecture == "gated"
+    else:
+        assert ae.b_enc.shape == (F_,) and id(ae.b_enc) in parameters
+    cfg = ae.cfg
+    assert all(hasattr(cfg, name) for name in SAEBENCH_CFG_FIELDS)
+    assert set(SAEBENCH_CFG_FIELDS) <= set(cfg.to_dict())
+    assert (cfg.d_in, cfg.d_sae) == (D, F_) and cfg.architecture == (entry.saelens_name(ae) or entry.name)
+    assert cfg.d_out == (d_out if "Transcoder" in entry.name else None)
+    assert (ae.device, ae.dtype, cfg.dtype, cfg.device) == (torch.device("cpu"), torch.float32, "float32", "cpu")
+
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3))  # [batch, seq, d]: what SAEBench passes
+    f = ae.encode(x)
+    assert f.shape == (2, 5, F_)
+    skip = ae.skip_term(x) if hasattr(ae, "skip_term") else 0.0
+    assert torch.allclose(ae(x), ae.decode(f) + skip, atol=1e-6)  # SAEBench's test_sae
+
+    weight = ae.W_dec
+    ae.to(dtype=torch.float64)
+    assert ae.dtype == torch.float64 and cfg.dtype == "float64" and ae.W_dec is weight  # moved in place
+    assert ae.encode(x.double()).dtype == torch.float64
+    cfg.architecture_str = cfg.architecture  # what SAEBench's _standardize_sae_cfg adds
+    cfg.metadata = {"hook_layer": cfg.hook_layer}
+    assert cfg.to_dict()["d_sae"] == F_
+
+
+@pytest.mark.parametrize("entry", _registry(), ids=lambda entry: entry.name)
+def test_load_dictionary_fills_cfg_from_the_run_folder(tmp_path, entry):
+    ae = any_dictionary(entry)
+    transcoder = "Transcoder" in entry.name
+    torch.save(ae.state_dict(), tmp_path / "ae.pt")
+    config = {"trainer": {"dict_class": entry.name, "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 1},
+              "buffer": {"model": "EleutherAI/pythia-70m-deduped", "submodule": "gpt_neox.layers.1.mlp",
+                         "io": "in_to_out" if transcoder else "out", "ctx_len": 128, "out_batch_size": 4096},
+              "training": {"steps": 1000}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_dictionary(tmp_path, dtype=torch.bfloat16)
+    cfg = loaded.cfg
+    assert (cfg.model_name, cfg.hook_layer, cfg.context_size) == ("EleutherAI/pythia-70m-deduped", 1, 128)
+    assert cfg.training_tokens == 4096 * 1000 and cfg.dtype == "bfloat16" and loaded.dtype == torch.bfloat16
+    if transcoder:  # reads the MLP's input (no TransformerLens hook reads it as it is), writes its output
+        assert (cfg.hook_name, cfg.hook_name_out) == ("gpt_neox.layers.1.mlp", "blocks.1.hook_mlp_out")
+    else:
+        assert cfg.hook_name == "blocks.1.hook_mlp_out" and cfg.hook_name_out is None
+
+
+def test_transformer_lens_hook_names():
+    from dictionary_learning.saebench import transformer_lens_hook
+
+    assert transformer_lens_hook("gpt_neox.layers.3") == ("blocks.3.hook_resid_post", 3)
+    assert transformer_lens_hook("gpt_neox.layers.3", "in") == ("blocks.3.hook_resid_pre", 3)
+    assert transformer_lens_hook("transformer.h.11") == ("blocks.11.hook_resid_post", 11)
+    assert transformer_lens_hook("model.layers.20") == ("blocks.20.hook_resid_post", 20)
+    assert transformer_lens_hook("gpt_neox.layers.0.mlp") == ("blocks.0.hook_mlp_out", 0)
+    assert transformer_lens_hook("transformer.h.2.mlp") == ("blocks.2.hook_mlp_out", 2)
+    assert transformer_lens_hook("gpt_neox.layers.4.attention") == ("blocks.4.hook_attn_out", 4)
+    assert transformer_lens_hook("transformer.h.4.attn") == ("blocks.4.hook_attn_out", 4)
+    assert transformer_lens_hook("gpt_neox.embed_in") == ("hook_embed", 0)
+    for unmapped, io in [("gpt_neox.layers.1.mlp", "in"), ("model.layers.3.mlp", "out"),
+                         ("model.layers.3.self_attn", "out"), ("gpt_neox.layers.1.mlp.dense_4h_to_h", "out")]:
+        assert transformer_lens_hook(unmapped, io) is None
+
+
+@pytest.mark.filterwarnings("ignore:TopKTrainer. threshold_start_step")
+def test_folders_trained_from_a_buffer_are_what_saebench_loaders_read(tmp_path):
+    model = load_bundled_model()
+    buffer = ActivationBuffer(stdlib_text_stream(), model, "gpt_neox.layers.2", n_ctxs=32, ctx_len=64,
+                              refresh_batch_size=16, out_batch_size=128)
+    (ae,) = trainSAE(buffer, trainer_configs=[{"trainer": "TopKTrainer", "activation_dim": 128, "dict_size": 512,
+                                               "k": 8, "warmup_steps": 1}], steps=3, save_dir=tmp_path)
+    trainer = json.loads((tmp_path / "trainer_0" / "config.json").read_text())["trainer"]
+    # SAEBench's dictionary_learning loaders read these four (and assert model_name in lm_name)
+    assert trainer["trainer_class"] == "TopKTrainer" and trainer["layer"] == 2 and trainer["k"] == 8
+    assert trainer["lm_name"] and trainer["lm_name"] == model._module.config._name_or_path
+    for dictionary in (ae, load_dictionary(tmp_path / "trainer_0")[0]):  # returned, and loaded
+        cfg = dictionary.cfg
+        assert (cfg.hook_name, cfg.hook_layer, cfg.context_size) == ("blocks.2.hook_resid_post", 2, 64)
+        assert cfg.model_name == trainer["lm_name"] and cfg.training_tokens == 3 * 128
