@@ -41,7 +41,7 @@ from .saebench import DictionaryConfig
 
 __all__ = ["Dictionary", "AutoEncoder", "IdentityDict", "GatedAutoEncoder", "AutoEncoderTopK", "BatchTopKSAE",
            "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "Transcoder", "TopKTranscoder", "JumpReluTranscoder",
-           "AutoEncoderNew", "SavedAs"]
+           "AutoEncoderNew", "AbsTopKSAE", "SavedAs"]
 
 
 class SavedAs(NamedTuple):
@@ -62,6 +62,8 @@ class Dictionary(nn.Module, ABC):
     scales_with_input: ClassVar[tuple[str, ...]] = ()
     # the class's entry in registry.py (set there); it names the class's SAELens architecture for `cfg`
     architecture_entry: ClassVar = None
+    # whether it reconstructs another activation than it reads (a module's output from its input)
+    is_transcoder: ClassVar[bool] = False
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,7 @@ class Dictionary(nn.Module, ABC):
         entry = type(self).architecture_entry
         fields = entry.saelens_fields(self) if entry is not None else {}
         cfg = DictionaryConfig(model_name="", d_in=self.activation_dim, d_sae=self.dict_size, hook_layer=None,
-                               hook_name="", d_out=getattr(self, "output_dim", None), **fields)
+                               hook_name="", d_out=self.output_dim if self.is_transcoder else None, **fields)
         cfg.follow(self.dtype, self.device)
         return cfg
 
@@ -649,6 +651,7 @@ class Transcoder(Dictionary):
     """
 
     scales_with_input = ("b_enc", "b_dec")
+    is_transcoder = True
 
     def __init__(self, activation_dim: int, dict_size: int, output_dim: int | None = None, skip: bool = False, *,
                  generator: torch.Generator | None = None):
@@ -782,6 +785,7 @@ class AutoEncoderNew(Transcoder):
 
     saved_as = {"W_enc": SavedAs("encoder.weight", True), "b_enc": SavedAs("encoder.bias"),
                 "W_dec": SavedAs("decoder.weight", True), "b_dec": SavedAs("decoder.bias")}
+    is_transcoder = False  # it reconstructs its input
     INIT_NORM: ClassVar[float] = 0.1
 
     def __init__(self, activation_dim: int, dict_size: int, *, generator: torch.Generator | None = None):
@@ -799,14 +803,41 @@ class AutoEncoderNew(Transcoder):
                              "encoder.weight [F, D], with no W_skip")
         return args
 
-    def default_cfg(self) -> DictionaryConfig:
-        cfg = super().default_cfg()
-        cfg.d_out = None  # an autoencoder, not a transcoder
-        return cfg
-
     def forward(self, x: torch.Tensor, output_features: bool = False):
         """x̂; with `output_features`, (x̂, f ⊙ ‖W_dec‖) as the reference's forward returns."""
         f = self.encode(x)
         x_hat = self.decode(f)
         return (x_hat, f * self.W_dec.norm(dim=1)) if output_features else x_hat
 
+
+
+class AbsTopKSAE(Dictionary):
+    """AbsTopK SAE (SAELens' `abstopk`; "AbsTopK: Rethinking Sparse Autoencoders for Bidirectional
+    Features", 2025): the k latents of largest |π| per token keep their signed value,
+
+        π = (x − b_dec) W_enc + b_enc,   f_i = π_i if i ∈ TopK_k(|π|) else 0,   x̂ = f W_dec + b_dec,
+
+    so features may be negative. Saved under SAELens' names: W_enc [D, F], b_enc [F], W_dec [F, D],
+    b_dec [D], and the buffer `k`. No recipe trains it; it is imported from SAELens.
+    """
+
+    scales_with_input = ("b_enc", "b_dec")
+    constructor_buffers = ("k",)
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int, *, generator: torch.Generator | None = None):
+        super().__init__()
+        self._create_weights(activation_dim, dict_size)
+        self.register_buffer("k", torch.tensor(_check_k(k, dict_size), dtype=torch.int))
+        self._init_tied_weights(generator)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """π = (x − b_dec) W_enc + b_enc, [..., F]."""
+        return F.linear(x - self.b_dec, self.W_enc.T, self.b_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        index = pre.abs().topk(int(self.k), dim=-1, sorted=False).indices
+        return torch.zeros_like(pre).scatter_(-1, index, pre.gather(-1, index))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return F.linear(f, self.W_dec.T, self.b_dec)

@@ -35,7 +35,6 @@ from typing import Any, Iterable
 
 import torch
 
-from .dictionary import Transcoder
 from .normalization import batch_scale
 
 # =============================================================================================
@@ -324,7 +323,7 @@ def _reconstruct(dictionary, acts: torch.Tensor, real: torch.Tensor, normalize_b
 
 def _apply(dictionary, x: torch.Tensor) -> torch.Tensor:
     """x̂ = decode(encode(x)); a transcoder's ŷ with its skip term."""
-    return dictionary(x) if isinstance(dictionary, Transcoder) else dictionary.decode(dictionary.encode(x))
+    return dictionary(x) if getattr(dictionary, "is_transcoder", False) else dictionary.decode(dictionary.encode(x))
 
 
 def _spliced_loss_sums(model, submodule, dictionary, encoding, io: str, normalize_batch: bool,
@@ -511,7 +510,7 @@ def evaluate(
             x = x if parameter is None else x.to(parameter.dtype)
             f = dictionary.encode(x)
             x_hat = dictionary.decode(f)
-            if isinstance(dictionary, Transcoder):
+            if getattr(dictionary, "is_transcoder", False):
                 x_hat = x_hat + dictionary.skip_term(x)
             metrics.update(target, x_hat, f)
             batches += 1

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .dictionary import (
+    AbsTopKSAE,
     AutoEncoder,
     AutoEncoderNew,
     AutoEncoderTopK,
@@ -103,12 +104,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         recipes={"BatchTopKTrainer": "batch_top_k"},
         saved_keys=frozenset({"encoder.weight", "b_dec"}),
         saelens="jumprelu",  # with the learned inference threshold θ for every latent
+        saelens_reads=("batchtopk",),  # SAELens' training checkpoints (its inference files are jumprelu)
     ),
     Architecture(
         MatryoshkaBatchTopKSAE,
         recipes={"MatryoshkaBatchTopKTrainer": "matryoshka_batch_top_k"},
         saved_keys=frozenset({"W_enc", "W_dec", "group_sizes"}),
-        saelens="jumprelu",
+        saelens="jumprelu", saelens_reads=("matryoshka_batchtopk",),
     ),
     Architecture(
         JumpReluAutoEncoder,
@@ -119,7 +121,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         Transcoder,
         recipes={"TranscoderTrainer": "transcoder"},
-        saved_keys=frozenset(), saelens=None, centres_input=False,
+        saved_keys=frozenset(), centres_input=False,
+        saelens="transcoder", saelens_skip="skip_transcoder", saelens_reads=("transcoder", "skip_transcoder"),
     ),
     Architecture(
         TopKTranscoder,
@@ -129,7 +132,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         JumpReluTranscoder,
         recipes={"JumpReluTranscoderTrainer": "jumprelu_transcoder"},
-        saved_keys=frozenset(), saelens=None, centres_input=False,
+        saved_keys=frozenset(), centres_input=False, saelens="jumprelu_transcoder",
+        saelens_skip="jumprelu_skip_transcoder", saelens_reads=("jumprelu_transcoder", "jumprelu_skip_transcoder"),
     ),
     # read-only architectures: no recipe of ours trains them; loaded from the reference's folders / SAELens
     Architecture(
@@ -137,6 +141,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         recipes={},
         saved_keys=frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}),
         saelens="standard", centres_input=False,
+    ),
+    Architecture(
+        AbsTopKSAE,
+        recipes={},
+        saved_keys=frozenset(), saelens="abstopk", saelens_reads=("abstopk",),
     ),
 )
 

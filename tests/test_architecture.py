@@ -87,7 +87,7 @@ def test_every_architecture_round_trips_through_every_format(tmp_path, entry):
             save_saelens(dictionary, tmp_path / "saelens")
         return
     save_saelens(dictionary, tmp_path / "saelens")
-    assert json.loads((tmp_path / "saelens" / "cfg.json").read_text())["architecture"] == entry.saelens
+    assert json.loads((tmp_path / "saelens" / "cfg.json").read_text())["architecture"] == entry.saelens_name(dictionary)
     loaded, _ = load_saelens(tmp_path / "saelens")
     assert_same_outputs(dictionary, loaded)
 
