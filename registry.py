@@ -6,7 +6,7 @@ reference library (saprmarks/dictionary_learning) writes into its configs, the s
 that identify it when a config does not name it, and how it maps to SAELens. `load_dictionary`, the
 interop readers and writers, and the trainer lookup read this table; nothing else switches on
 names. Adding an architecture = its dictionary class in dictionary.py + its recipe file in trainers/
-+ one entry below.
+(none for an architecture only read from other libraries' files) + one entry below.
 """
 from __future__ import annotations
 

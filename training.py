@@ -118,6 +118,7 @@ class RunSettings:
     normalize_activations: bool
     autocast_dtype: str | None
     seed: int | None
+    backup_steps: int | None = None
 
 
 def _seed_form_config(activation_dim, dictionary_size, lr, sparsity_penalty, **fields) -> dict[str, Any]:
@@ -287,6 +288,12 @@ def trainSAE(
     resume_from: str | os.PathLike | None = None,
     seed: int | None = None,
     progress: bool = True,
+    backup_steps: int | None = None,
+    verbose: bool = False,
+    wandb_entity: str | None = None,
+    run_cfg: Mapping[str, Any] | None = None,
+    activations_split_by_head: bool = False,
+    transcoder: bool = False,
 ):
     """Train sparse autoencoders on `data`, an iterator of activation batches [B, D] or
     [B, L, D] (an ActivationBuffer, a list, a DataLoader).
@@ -313,6 +320,12 @@ def trainSAE(
         on are read and skipped), and the run ends exactly as an uninterrupted one would.
     seed: the seed of every trainer whose config sets none (a sweep's trainers then start from the
         same random draws); None: each trainer draws a random seed, recorded in its config.json.
+
+    The reference library's other arguments: `backup_steps` writes the resumable state (without a
+    checkpoint of the weights) every this many steps; `verbose` prints the logged metrics;
+    `wandb_entity` and `run_cfg` (extra config) go to wandb; `activations_split_by_head` and
+    `transcoder` only shaped the reference's logging and change nothing here (batches of
+    (input, output) pairs train transcoders by themselves).
     """
     seed_form = trainer_configs is None
     if seed_form:
@@ -327,6 +340,9 @@ def trainSAE(
     if log_steps is not None and log_steps <= 0:
         raise ValueError(f"log_steps must be positive or None, got {log_steps}")
     checkpoint_steps = _save_steps(save_steps)
+    if backup_steps is not None and (isinstance(backup_steps, bool) or not isinstance(backup_steps, int)
+                                     or backup_steps <= 0):
+        raise ValueError(f"backup_steps must be a positive number of steps or None, got {backup_steps!r}")
     if resume_from is not None:
         resume_from = Path(resume_from)
         if not (resume_from / STATE_FILE).exists():
@@ -335,10 +351,10 @@ def trainSAE(
                 "save_steps (pass the save_dir of a run that had save_steps)"
             )
         save_dir = resume_from if save_dir is None else save_dir
-    if checkpoint_steps and save_dir is None:
-        raise ValueError("save_steps needs save_dir (where to write the checkpoints)")
+    if (checkpoint_steps or backup_steps) and save_dir is None:
+        raise ValueError("save_steps and backup_steps need save_dir (where to write the checkpoints)")
     settings = RunSettings(steps, checkpoint_steps, log_steps, normalize_activations,
-                           str(autocast_dtype) if autocast_dtype is not None else None, seed)
+                           str(autocast_dtype) if autocast_dtype is not None else None, seed, backup_steps)
 
     trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
     _check_sites(trainers, data)
@@ -349,11 +365,12 @@ def trainSAE(
     if resume_from is not None:
         steps_done, saved_scales = Checkpointer(resume_from / STATE_FILE).load(trainers)
         scales = _scales(saved_scales)
-    run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, use_wandb, wandb_project)
+    wandb_settings = {"project": wandb_project, "entity": wandb_entity, "config": dict(run_cfg or {})} if use_wandb else None
+    run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, wandb_settings)
     try:
         run.start(resume_from, steps_done, scales)
         steps_done = _train(trainers, _batches_after(data, steps_done), run, steps_done, scales, settings,
-                            autocast_dtype, progress)
+                            autocast_dtype, progress, verbose)
     finally:
         run.close()
     if steps_done == 0:
@@ -381,7 +398,7 @@ def _scales(saved: Any) -> dict[str, float]:
 
 
 def _train(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
-           progress) -> int:
+           progress, verbose: bool = False) -> int:
     """The training loop: every trainer steps on every batch (on its site's part of it). Fills
     `scales` (per stream, from its first batch) with normalize_activations. Returns the steps done."""
     autocasts = [_autocast(trainer.device, autocast_dtype) for trainer in trainers]
@@ -404,8 +421,14 @@ def _train(trainers, batches, run, step, scales: dict[str, float], settings: Run
             if settings.log_steps is not None and (step % settings.log_steps == 0 or step == 1):
                 logged = run.log(step, metrics)
                 bar.set_postfix(loss=f"{logged[0].get('loss', float('nan')):.4g}")
+                if verbose:
+                    for index, record in enumerate(logged):
+                        bar.write(f"step {step} trainer {index}: " +
+                                  ", ".join(f"{key} {value:.4g}" for key, value in record.items()))
             if step in settings.save_steps:
                 run.checkpoint(step, scales)
+            elif settings.backup_steps and step % settings.backup_steps == 0:
+                run.backup(step, scales)
     return step
 
 
@@ -435,19 +458,19 @@ class _Run:
     with use_wandb, a wandb run."""
 
     def __init__(self, trainers, settings: RunSettings, buffer_configs: list, save_dir, seed_form: bool,
-                 use_wandb: bool, wandb_project: str):
+                 wandb_settings: dict[str, Any] | None):
         self.trainers, self.settings, self.buffer_configs = trainers, settings, buffer_configs
         self.folder = RunFolder(save_dir, len(trainers), single=seed_form) if save_dir is not None else None
         self.checkpointer = Checkpointer(Path(save_dir) / STATE_FILE) if save_dir is not None else None
         self.scales: dict[str, float] = {}
         self.wandb = None
-        if use_wandb:
+        if wandb_settings is not None:
             try:
                 import wandb
             except ImportError:
                 raise ImportError("use_wandb=True needs wandb: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, config={
-                "trainers": [trainer.config for trainer in trainers], **vars(settings)})
+            self.wandb = wandb.init(project=wandb_settings["project"], entity=wandb_settings["entity"], config={
+                "trainers": [trainer.config for trainer in trainers], **vars(settings), **wandb_settings["config"]})
 
     def scale_of(self, trainer) -> float | None:
         return self.scales.get(_stream_key(trainer))
@@ -483,12 +506,17 @@ class _Run:
                          steps_done=step)
         self.checkpointer.save(self.trainers, step, dict(scales))
 
+    def backup(self, step: int, scales: dict[str, float]) -> None:
+        """The resumable state only (no checkpoint of the weights): the reference's backup_steps."""
+        self.scales = scales
+        self.checkpointer.save(self.trainers, step, dict(scales))
+
     def finish(self, steps_done: int, scales: dict[str, float]) -> None:
         """The final weights (ae.pt); with save_steps, also the state at the end, so the run can be extended."""
         self.scales = scales
         if self.folder is None:
             return
-        if self.settings.save_steps and steps_done not in self.settings.save_steps:
+        if (self.settings.save_steps or self.settings.backup_steps) and steps_done not in self.settings.save_steps:
             self.checkpointer.save(self.trainers, steps_done, dict(scales))
         self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
                          steps_done=None)

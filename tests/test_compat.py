@@ -434,3 +434,27 @@ def test_folders_trained_from_a_buffer_are_what_saebench_loaders_read(tmp_path):
         cfg = dictionary.cfg
         assert (cfg.hook_name, cfg.hook_layer, cfg.context_size) == ("blocks.2.hook_resid_post", 2, 64)
         assert cfg.model_name == trainer["lm_name"] and cfg.training_tokens == 3 * 128
+
+
+def test_train_sae_takes_the_reference_run_arguments(tmp_path, capsys):
+    batches = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    config = {"trainer": "TopKTrainer", "activation_dim": 16, "dict_size": 64, "k": 4, "warmup_steps": 0,
+              "threshold_start_step": 1, "seed": 0}
+    arguments = dict(trainer_configs=[config], steps=6, log_steps=2, verbose=True, backup_steps=2, run_cfg={"run": 1},
+                     wandb_entity="team", activations_split_by_head=False, transcoder=False, progress=False)
+
+    def interrupted():  # the run dies after 5 batches: its last backup is the state after 4 steps
+        yield from batches[:5]
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainSAE(interrupted(), save_dir=tmp_path / "run", **arguments)
+    assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)["steps_done"] == 4
+    assert not (tmp_path / "run" / "trainer_0" / "checkpoints").exists()  # backups are not checkpoints
+    (resumed,) = trainSAE(batches, save_dir=tmp_path / "run", resume_from=tmp_path / "run", **arguments)
+    (whole,) = trainSAE(batches, save_dir=tmp_path / "whole", **arguments)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
+    printed = capsys.readouterr().out
+    assert "step 2 trainer 0: " in printed and "mse_loss" in printed  # verbose: the logged metrics
+    with pytest.raises(ValueError, match="need save_dir"):
+        trainSAE(batches, trainer_configs=[config], steps=2, backup_steps=1)
