@@ -131,6 +131,12 @@ def _seed_form_config(activation_dim, dictionary_size, lr, sparsity_penalty, **f
             "sparsity_penalty": sparsity_penalty, **fields}
 
 
+def _is_config_list(value: Any) -> bool:
+    """Whether `value` is a list of trainer configs (passed where the seed form has activation_dim)."""
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(config, (Mapping, TrainerConfig)) for config in value)
+
+
 def _check_sweep_form(trainer_configs, **seed_form_arguments) -> list:
     given = [name for name, value in seed_form_arguments.items() if value is not None]
     if given:
@@ -321,12 +327,18 @@ def trainSAE(
     seed: the seed of every trainer whose config sets none (a sweep's trainers then start from the
         same random draws); None: each trainer draws a random seed, recorded in its config.json.
 
+    The reference library's order `trainSAE(data, trainer_configs, steps)` works too (a list of
+    configs in second place is taken as `trainer_configs`, and a third argument as `steps`).
     The reference library's other arguments: `backup_steps` writes the resumable state (without a
     checkpoint of the weights) every this many steps; `verbose` prints the logged metrics;
     `wandb_entity` and `run_cfg` (extra config) go to wandb; `activations_split_by_head` and
     `transcoder` only shaped the reference's logging and change nothing here (batches of
     (input, output) pairs train transcoders by themselves).
     """
+    if trainer_configs is None and _is_config_list(activation_dim):  # the reference's order (data, configs, steps)
+        trainer_configs, activation_dim = activation_dim, None
+        if dictionary_size is not None and steps is None:
+            steps, dictionary_size = dictionary_size, None
     seed_form = trainer_configs is None
     if seed_form:
         configs = [_seed_form_config(activation_dim, dictionary_size, lr, sparsity_penalty, entropy=entropy,

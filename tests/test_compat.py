@@ -458,3 +458,5 @@ def test_train_sae_takes_the_reference_run_arguments(tmp_path, capsys):
     assert "step 2 trainer 0: " in printed and "mse_loss" in printed  # verbose: the logged metrics
     with pytest.raises(ValueError, match="need save_dir"):
         trainSAE(batches, trainer_configs=[config], steps=2, backup_steps=1)
+    (positional,) = trainSAE(batches, [config], 6, progress=False)  # the reference's order: data, configs, steps
+    assert all(torch.equal(a, b) for a, b in zip(positional.state_dict().values(), whole.state_dict().values()))
