@@ -7,7 +7,9 @@ language-model metrics are first used.
 from .buffer import ActivationBuffer
 from .bundled import load_bundled_model, stdlib_text_stream
 from .dictionary import (
+    AbsTopKSAE,
     AutoEncoder,
+    AutoEncoderNew,
     AutoEncoderTopK,
     BatchTopKSAE,
     Dictionary,
@@ -37,8 +39,10 @@ from .utils import hf_dataset_to_generator, keep_freed_cpu_memory, zst_to_genera
 __version__ = "0.3.0"
 
 __all__ = [
+    "AbsTopKSAE",
     "ActivationBuffer",
     "AutoEncoder",
+    "AutoEncoderNew",
     "AutoEncoderTopK",
     "BatchTopKSAE",
     "ConstrainedAdam",

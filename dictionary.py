@@ -17,9 +17,14 @@ saved tensor is exactly the trained one, so save → load is bit for bit.
 
 What an architecture is besides its class (its recipes, its SAELens name, the reference's class
 names) is declared once, in registry.py.
+
+What other libraries read off a dictionary is there too: the reference's attribute names
+(`ae.encoder.weight`, `ae.bias`, ...: views of the same parameters, reference_names.py), and what
+SAEBench needs, `device`, `dtype` (both follow `.to()`) and `cfg` (saebench.py).
 """
 from __future__ import annotations
 
+import functools
 import os
 from abc import ABC, abstractmethod
 from typing import ClassVar, NamedTuple
@@ -32,10 +37,12 @@ from . import kernels
 from .checks import as_dtype
 from .files import load_state_dict
 from .kernels import GatedEncode, SparseCodes
+from .reference_names import LinearView, assign, reference_attributes
+from .saebench import DictionaryConfig
 
 __all__ = ["Dictionary", "AutoEncoder", "IdentityDict", "GatedAutoEncoder", "AutoEncoderTopK", "BatchTopKSAE",
            "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "Transcoder", "TopKTranscoder", "JumpReluTranscoder",
-           "SavedAs"]
+           "AutoEncoderNew", "AbsTopKSAE", "SavedAs"]
 
 
 class SavedAs(NamedTuple):
@@ -54,6 +61,10 @@ class Dictionary(nn.Module, ABC):
     saved_as: ClassVar[dict[str, SavedAs]] = {}
     # the tensors that scale with the input (biases, thresholds): see scale_biases
     scales_with_input: ClassVar[tuple[str, ...]] = ()
+    # the class's entry in registry.py (set there); it names the class's SAELens architecture for `cfg`
+    architecture_entry: ClassVar = None
+    # whether it reconstructs another activation than it reads (a module's output from its input)
+    is_transcoder: ClassVar[bool] = False
 
     @abstractmethod
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +92,69 @@ class Dictionary(nn.Module, ABC):
             raise ValueError(f"scale_biases: factor must be positive (thresholds scale with it), got {factor}")
         for name in self.scales_with_input:
             getattr(self, name).mul_(factor)
+
+    # -- what SAEBench reads: device, dtype and cfg ---------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (follows `.to()`)."""
+        tensor = next(self.parameters(), None)
+        return tensor.device if tensor is not None else torch.device(self.__dict__.get("_device") or "cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (follows `.to()`)."""
+        tensor = next(self.parameters(), None)
+        return tensor.dtype if tensor is not None else (self.__dict__.get("_dtype") or torch.get_default_dtype())
+
+    @property
+    def cfg(self) -> DictionaryConfig:
+        """SAEBench's cfg (saebench.py): the shapes and architecture, and, for a dictionary from
+        `load_dictionary`, the model, hook point, layer and context size of its run folder."""
+        cfg = self.__dict__.get("_cfg")
+        if cfg is None:
+            cfg = self.__dict__["_cfg"] = self.default_cfg()
+        return cfg
+
+    @cfg.setter
+    def cfg(self, value: DictionaryConfig) -> None:
+        self.__dict__["_cfg"] = value
+
+    def default_cfg(self) -> DictionaryConfig:
+        """The cfg of this dictionary with nothing known of where its inputs come from."""
+        entry = type(self).architecture_entry
+        fields = entry.saelens_fields(self) if entry is not None else {}
+        cfg = DictionaryConfig(model_name="", d_in=self.activation_dim, d_sae=self.dict_size, hook_layer=None,
+                               hook_name="", d_out=self.output_dim if self.is_transcoder else None, **fields)
+        cfg.follow(self.dtype, self.device)
+        return cfg
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if "_cfg" in self.__dict__:
+            self._cfg.follow(self.dtype, self.device)
+        return module
+
+    # -- the reference library's attribute names: views of the same tensors ----------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            target = _reference_names(type(self)).get(name)
+            if target is None:
+                raise
+        if isinstance(target, dict):
+            return LinearView(self, name, target["weight"], target["bias"])
+        return getattr(self, target)
+
+    def __setattr__(self, name: str, value) -> None:
+        target = _reference_names(type(self)).get(name)
+        if target is None:
+            super().__setattr__(name, value)
+        elif isinstance(target, dict):
+            raise AttributeError(f"{name} is the reference library's view of {target['weight']} (and its bias); "
+                                 f"set {name}.weight or {name}.bias instead")
+        else:
+            assign(self, target, value, alias=name)
 
     # -- the weights every architecture has, and the tied initialisation it starts from --------
     def _create_weights(self, activation_dim: int, dict_size: int, per_latent: tuple[str, ...] = ("b_enc",)) -> None:
@@ -194,12 +268,14 @@ class Dictionary(nn.Module, ABC):
         path: str | os.PathLike,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        normalize_decoder: bool = False,
         **kwargs,
     ) -> "Dictionary":
         """Load a dictionary from a `.pt` state_dict (torch.save) or a `.safetensors` file.
 
         Shapes are inferred from the weights. `dtype` casts floating-point tensors; `device` moves
-        them; either works alone.
+        them; either works alone. `normalize_decoder=True` (the reference's default; ours keeps
+        the weights as saved) calls `normalize_decoder()` on classes that have it.
         """
         dtype = as_dtype(dtype)
         state_dict = load_state_dict(path)
@@ -207,9 +283,17 @@ class Dictionary(nn.Module, ABC):
             dictionary = cls.from_state_dict(state_dict, **kwargs)
         except ValueError as e:
             raise ValueError(f"cannot load {str(path)!r} as {cls.__name__}: {e}") from None
+        if normalize_decoder and hasattr(dictionary, "normalize_decoder"):
+            dictionary.normalize_decoder()
         if dtype is not None or device is not None:
             dictionary = dictionary.to(device=device, dtype=dtype)
         return dictionary
+
+
+@functools.cache
+def _reference_names(cls: type[Dictionary]) -> dict:
+    """The reference library's attribute names of a class (reference_names.reference_attributes)."""
+    return reference_attributes(cls.saved_as)
 
 
 def _parameter(*shape: int) -> nn.Parameter:
@@ -285,24 +369,30 @@ class AutoEncoder(Dictionary):
 
 
 class IdentityDict(Dictionary):
-    """The no-op dictionary f = x, x̂ = f: the baseline for evaluation (it recovers everything)."""
+    """The no-op dictionary f = x, x̂ = f: the baseline for evaluation (it recovers everything).
+    With `dtype` / `device` (the reference's arguments), encode and decode also move x there."""
 
-    def __init__(self, activation_dim: int):
+    def __init__(self, activation_dim: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         super().__init__()
         self.activation_dim = activation_dim
         self.dict_size = activation_dim
+        self.__dict__.update(_dtype=dtype, _device=None if device is None else torch.device(device))
+
+    def _move(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.__dict__["_device"], dtype=self.__dict__["_dtype"])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+        return self._move(x)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f
+        return self._move(f)
 
     @classmethod
     def from_pretrained(cls, path=None, dtype=None, device=None, activation_dim: int | None = None):
         if activation_dim is None:
             raise ValueError("IdentityDict has no weights to load; construct it with IdentityDict(activation_dim)")
-        return cls(activation_dim)
+        return cls(activation_dim, dtype=dtype, device=device)
 
 
 class GatedAutoEncoder(Dictionary):
@@ -563,6 +653,7 @@ class Transcoder(Dictionary):
     """
 
     scales_with_input = ("b_enc", "b_dec")
+    is_transcoder = True
 
     def __init__(self, activation_dim: int, dict_size: int, output_dim: int | None = None, skip: bool = False, *,
                  generator: torch.Generator | None = None):
@@ -599,7 +690,8 @@ class Transcoder(Dictionary):
     @classmethod
     def shape_from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict:
         args = super().shape_from_state_dict(state_dict)
-        args.update(output_dim=state_dict["W_dec"].shape[1], skip="W_skip" in state_dict)
+        tensors = cls.from_saved_names(state_dict)
+        args.update(output_dim=tensors["W_dec"].shape[1], skip="W_skip" in tensors)
         return args
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -677,3 +769,77 @@ class JumpReluTranscoder(Transcoder):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
         return pre.relu() * (pre > self.threshold)
+
+
+class AutoEncoderNew(Transcoder):
+    """The reference library's `AutoEncoderNew` (the architecture of Anthropic's April 2024 update):
+    an SAE that does not centre its input,
+
+        f = ReLU(x W_enc + b_enc),   x̂ = f W_dec + b_dec,
+
+    that is, a Transcoder whose output space is its input space, without a skip connection. Saved as
+    the reference saves it: `encoder.weight` = W_encᵀ [F, D], `encoder.bias` = b_enc,
+    `decoder.weight` = W_decᵀ [D, F], `decoder.bias` = b_dec. Initialised as the reference's:
+    decoder directions of norm 0.1, W_enc = W_decᵀ, zero biases. As in the reference,
+    `forward(x, output_features=True)` returns the features times the decoder norms,
+    f_i ‖W_dec[i]‖ (`encode(x)` returns f). No recipe trains it; load it with `load_dictionary`.
+    """
+
+    saved_as = {"W_enc": SavedAs("encoder.weight", True), "b_enc": SavedAs("encoder.bias"),
+                "W_dec": SavedAs("decoder.weight", True), "b_dec": SavedAs("decoder.bias")}
+    is_transcoder = False  # it reconstructs its input
+    INIT_NORM: ClassVar[float] = 0.1
+
+    def __init__(self, activation_dim: int, dict_size: int, *, generator: torch.Generator | None = None):
+        super().__init__(activation_dim, dict_size, generator=generator)
+        if self.W_dec.device.type != "meta":
+            with torch.no_grad():
+                self.W_enc.mul_(self.INIT_NORM)
+                self.W_dec.mul_(self.INIT_NORM)
+
+    @classmethod
+    def shape_from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> dict:
+        args = super().shape_from_state_dict(state_dict)
+        if args.pop("skip") or args.pop("output_dim") != args["activation_dim"]:
+            raise ValueError("an AutoEncoderNew reconstructs its input: decoder.weight must be [D, F] for "
+                             "encoder.weight [F, D], with no W_skip")
+        return args
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):
+        """x̂; with `output_features`, (x̂, f ⊙ ‖W_dec‖) as the reference's forward returns."""
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        return (x_hat, f * self.W_dec.norm(dim=1)) if output_features else x_hat
+
+
+
+class AbsTopKSAE(Dictionary):
+    """AbsTopK SAE (SAELens' `abstopk`; "AbsTopK: Rethinking Sparse Autoencoders for Bidirectional
+    Features", 2025): the k latents of largest |π| per token keep their signed value,
+
+        π = (x − b_dec) W_enc + b_enc,   f_i = π_i if i ∈ TopK_k(|π|) else 0,   x̂ = f W_dec + b_dec,
+
+    so features may be negative. Saved under SAELens' names: W_enc [D, F], b_enc [F], W_dec [F, D],
+    b_dec [D], and the buffer `k`. No recipe trains it; it is imported from SAELens.
+    """
+
+    scales_with_input = ("b_enc", "b_dec")
+    constructor_buffers = ("k",)
+
+    def __init__(self, activation_dim: int, dict_size: int, k: int, *, generator: torch.Generator | None = None):
+        super().__init__()
+        self._create_weights(activation_dim, dict_size)
+        self.register_buffer("k", torch.tensor(_check_k(k, dict_size), dtype=torch.int))
+        self._init_tied_weights(generator)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """π = (x − b_dec) W_enc + b_enc, [..., F]."""
+        return F.linear(x - self.b_dec, self.W_enc.T, self.b_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        index = pre.abs().topk(int(self.k), dim=-1, sorted=False).indices
+        return torch.zeros_like(pre).scatter_(-1, index, pre.gather(-1, index))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return F.linear(f, self.W_dec.T, self.b_dec)

@@ -35,7 +35,6 @@ from typing import Any, Iterable
 
 import torch
 
-from .dictionary import Transcoder
 from .normalization import batch_scale
 
 # =============================================================================================
@@ -339,18 +338,20 @@ def _reconstruct(dictionary, acts: torch.Tensor, real: torch.Tensor, normalize_b
 
 def _apply(dictionary, x: torch.Tensor) -> torch.Tensor:
     """x̂ = decode(encode(x)); a transcoder's ŷ with its skip term."""
-    return dictionary(x) if isinstance(dictionary, Transcoder) else dictionary.decode(dictionary.encode(x))
+    return dictionary(x) if getattr(dictionary, "is_transcoder", False) else dictionary.decode(dictionary.encode(x))
 
 
-def _spliced_loss_sums(model, submodule, dictionary, encoding, io: str, normalize_batch: bool) -> dict[str, float]:
+def _spliced_loss_sums(model, submodule, dictionary, encoding, io: str, normalize_batch: bool,
+                       tracer_args: dict | None = None) -> dict[str, float]:
     """Summed next-token losses (clean / reconstructed / zero-ablated) and KLs over one batch,
-    plus the number of targets `n_tokens`: one forward pass of the batch stacked three times."""
+    plus the number of targets `n_tokens`: one forward pass of the batch stacked three times
+    (`tracer_args`: keyword arguments of that pass, e.g. {"use_cache": False})."""
     ids, mask = encoding["input_ids"], encoding["attention_mask"]  # [B, T]
     n_rows = len(ids)
     stacked = {"input_ids": ids.repeat(3, 1), "attention_mask": mask.repeat(3, 1)}
     real = mask.bool()
     with torch.inference_mode():
-        with model.trace(stacked):
+        with model.trace(stacked, **(tracer_args or {})):
             if io == "in_to_out":  # the transcoder's ŷ(input) replaces the output
                 source = submodule.input
                 source = source[0] if isinstance(source, tuple) else source  # [3B, T, D_in]
@@ -407,6 +408,7 @@ def loss_recovered(
     max_len: int | None = None,
     normalize_batch: bool = False,
     io: str = "out",
+    tracer_args: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """How much of the model's next-token loss survives replacing `submodule`'s activation with
     the dictionary's reconstruction.
@@ -420,7 +422,9 @@ def loss_recovered(
         normalize_batch: scale activations to mean norm √D before the dictionary (and back after),
             for dictionaries trained on normalised activations.
         io: "out" splices the submodule's output (first element of a tuple), "in" its first input,
-            "in_to_out" replaces the output by a transcoder's ŷ of the input.
+            "in_to_out" (the reference's "in_and_out") replaces the output by a transcoder's ŷ of the input.
+        tracer_args: keyword arguments of the model's forward pass (the reference's, e.g.
+            {"use_cache": False}); None: none.
 
     Returns:
         {"ce_clean", "ce_reconstructed", "ce_zero", "ce_diff", "frac_recovered",
@@ -429,27 +433,40 @@ def loss_recovered(
     """
     from .buffer import check_language_model, resolve_submodule
 
+    io = _io(io)
     if io not in ("in", "out", "in_to_out"):
         raise ValueError(f"io must be 'in', 'out' or 'in_to_out'; got {io!r}.")
     model = check_language_model(model)
     submodule = resolve_submodule(model, submodule)
     encoding = _encode_text(model, text, max_len)
-    return _loss_means(_spliced_loss_sums(model, submodule, dictionary, encoding, io, normalize_batch))
+    return _loss_means(_spliced_loss_sums(model, submodule, dictionary, encoding, io, normalize_batch, tracer_args))
+
+
+def _io(io: str | None) -> str | None:
+    """`io` under our name: the reference's "in_and_out" is "in_to_out"."""
+    return "in_to_out" if io == "in_and_out" else io
+
+
+# the reference library's names of evaluate's keys: its name -> ours
+REFERENCE_KEYS = {"l1_loss": "l1", "loss_original": "ce_clean", "loss_reconstructed": "ce_reconstructed",
+                  "loss_zero": "ce_zero"}
 
 
 def evaluate(
     dictionary,
     activations,
-    n_batches: int = 1,
     max_len: int = 128,
     batch_size: int = 32,
     io: str | None = None,
     normalize_batch: bool = False,
+    tracer_args: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
+    n_batches: int = 1,
     *,
     site: str | None = None,
 ) -> dict[str, float]:
-    """Every metric of `dictionary` on `n_batches` batches, pooled over all of them.
+    """Every metric of `dictionary` on `n_batches` batches, pooled over all of them. The arguments
+    are the reference library's, in its order.
 
     `activations` is an `ActivationBuffer` (tensor metrics on its batches, plus, with an nnsight
     model, the language-model metrics of `loss_recovered` on `batch_size` fresh texts of its stream
@@ -457,14 +474,16 @@ def evaluate(
     of [B, D] tensors or (x, y) pairs (tensor metrics only). `io` defaults to the buffer's. With a
     multi-site buffer, `site` names the site the dictionary was trained on. With `normalize_batch`,
     each batch is scaled to mean norm √D before the dictionary (as in training with normalised
-    activations).
+    activations). `tracer_args`: keyword arguments of the model's forward pass (see loss_recovered).
 
-    Returns the accumulator's snake_case metrics, the `loss_recovered` keys, and the reference
-    README's column names: "MSE", "L1", "L0", "% alive" (percent), "variance explained" (percent),
-    "CE diff" and "% CE recovered" (percent).
+    Returns the accumulator's snake_case metrics, the `loss_recovered` keys, the reference's names
+    of them (`REFERENCE_KEYS`: "l1_loss", "loss_original", "loss_reconstructed", "loss_zero"), and
+    the reference README's column names: "MSE", "L1", "L0", "% alive" (percent), "variance
+    explained" (percent), "CE diff" and "% CE recovered" (percent).
     """
     if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
         raise ValueError(f"n_batches must be a positive int; got {n_batches!r}.")
+    io = _io(io)
     is_buffer = all(hasattr(activations, name) for name in ("model", "submodule", "text_batch"))
     splice_at = None
     if is_buffer:
@@ -509,7 +528,7 @@ def evaluate(
             f = dictionary.encode(x)
             check_finite(f, f"the dictionary's features on batch {batches}")
             x_hat = dictionary.decode(f)
-            if isinstance(dictionary, Transcoder):
+            if getattr(dictionary, "is_transcoder", False):
                 x_hat = x_hat + dictionary.skip_term(x)
             metrics.update(target, x_hat, f)
             batches += 1
@@ -517,7 +536,8 @@ def evaluate(
                 texts = activations.text_batch(batch_size)
                 if texts:
                     encoding = _encode_text(activations.model, texts, max_len)
-                    sums = _spliced_loss_sums(activations.model, splice_at, dictionary, encoding, io, normalize_batch)
+                    sums = _spliced_loss_sums(activations.model, splice_at, dictionary, encoding, io, normalize_batch,
+                                              tracer_args)
                     lm_sums = {k: lm_sums.get(k, 0) + v for k, v in sums.items()}
     if batches == 0:
         raise ValueError("activations yielded no batch to evaluate on.")
@@ -535,6 +555,7 @@ def evaluate(
     if "ce_diff" in out:
         out["CE diff"] = out["ce_diff"]
         out["% CE recovered"] = 100 * out["frac_recovered"]
+    out.update({theirs: out[ours] for theirs, ours in REFERENCE_KEYS.items() if ours in out})
     return out
 
 

@@ -6,7 +6,7 @@ reference library (saprmarks/dictionary_learning) writes into its configs, the s
 that identify it when a config does not name it, and how it maps to SAELens. `load_dictionary`, the
 interop readers and writers, and the trainer lookup read this table; nothing else switches on
 names. Adding an architecture = its dictionary class in dictionary.py + its recipe file in trainers/
-+ one entry below.
+(none for an architecture only read from other libraries' files) + one entry below.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .dictionary import (
+    AbsTopKSAE,
     AutoEncoder,
+    AutoEncoderNew,
     AutoEncoderTopK,
     BatchTopKSAE,
     Dictionary,
@@ -42,10 +44,12 @@ class Architecture:
     """keys that identify a saved state dict of this class when its config names no class (empty:
     only a config naming the class identifies it)."""
     saelens: str | None
-    """the SAELens architecture it is exported as ("standard", "gated", "topk", "jumprelu"); None
+    """the SAELens architecture it is exported as ("standard", "gated", "topk", "jumprelu", ...); None
     when SAELens has none."""
     saelens_reads: tuple[str, ...] = ()
     """SAELens architectures imported into this class."""
+    saelens_skip: str | None = None
+    """the SAELens architecture of its instances with a skip connection (skip transcoders)."""
     centres_input: bool = True
     """whether the encoder sees x − b_dec (SAELens' apply_b_dec_to_input)."""
     reference_classes: tuple[str, ...] = ()
@@ -60,6 +64,19 @@ class Architecture:
     @property
     def class_names(self) -> tuple[str, ...]:
         return (self.name, *self.reference_classes)
+
+    def saelens_name(self, dictionary: Dictionary) -> str | None:
+        """The SAELens architecture of this instance (a skip transcoder's differs from its class's)."""
+        return self.saelens_skip if getattr(dictionary, "skip", False) and self.saelens_skip else self.saelens
+
+    def saelens_fields(self, dictionary: Dictionary) -> dict:
+        """The cfg fields SAELens and SAEBench use to say how `dictionary` computes: architecture,
+        apply_b_dec_to_input, activation_fn_str and activation_fn_kwargs (k for a top-k encoder)."""
+        name = self.saelens_name(dictionary) or self.name
+        top_k = name in ("topk", "abstopk")
+        return {"architecture": name, "apply_b_dec_to_input": self.centres_input,
+                "activation_fn_str": "topk" if top_k else "relu",
+                "activation_fn_kwargs": {"k": int(dictionary.k)} if top_k else {}}
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -87,12 +104,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         recipes={"BatchTopKTrainer": "batch_top_k"},
         saved_keys=frozenset({"encoder.weight", "b_dec"}),
         saelens="jumprelu",  # with the learned inference threshold θ for every latent
+        saelens_reads=("batchtopk",),  # SAELens' training checkpoints (its inference files are jumprelu)
     ),
     Architecture(
         MatryoshkaBatchTopKSAE,
         recipes={"MatryoshkaBatchTopKTrainer": "matryoshka_batch_top_k"},
         saved_keys=frozenset({"W_enc", "W_dec", "group_sizes"}),
-        saelens="jumprelu",
+        saelens="jumprelu", saelens_reads=("matryoshka_batchtopk",),
     ),
     Architecture(
         JumpReluAutoEncoder,
@@ -103,7 +121,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         Transcoder,
         recipes={"TranscoderTrainer": "transcoder"},
-        saved_keys=frozenset(), saelens=None, centres_input=False,
+        saved_keys=frozenset(), centres_input=False,
+        saelens="transcoder", saelens_skip="skip_transcoder", saelens_reads=("transcoder", "skip_transcoder"),
     ),
     Architecture(
         TopKTranscoder,
@@ -113,9 +132,26 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         JumpReluTranscoder,
         recipes={"JumpReluTranscoderTrainer": "jumprelu_transcoder"},
-        saved_keys=frozenset(), saelens=None, centres_input=False,
+        saved_keys=frozenset(), centres_input=False, saelens="jumprelu_transcoder",
+        saelens_skip="jumprelu_skip_transcoder", saelens_reads=("jumprelu_transcoder", "jumprelu_skip_transcoder"),
+    ),
+    # read-only architectures: no recipe of ours trains them; loaded from the reference's folders / SAELens
+    Architecture(
+        AutoEncoderNew,
+        recipes={},
+        saved_keys=frozenset({"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}),
+        saelens="standard", centres_input=False,
+    ),
+    Architecture(
+        AbsTopKSAE,
+        recipes={},
+        saved_keys=frozenset(), saelens="abstopk", saelens_reads=("abstopk",),
     ),
 )
+
+for _entry in ARCHITECTURES:  # each class knows its entry (Dictionary.cfg reads its SAELens name there)
+    _entry.dictionary.architecture_entry = _entry
+del _entry
 
 
 def _names(entries: Iterable[Architecture]) -> str:

@@ -31,7 +31,8 @@ LOG_FILE = "log.jsonl"
 STATE_FORMAT = 2  # 1 (no "format" key): dictionary_learning 0.2, before the one weight layout
 
 # trainer-config fields renamed since they were written (the reference library's names among them)
-RENAMED_CONFIG_FIELDS = {"l1_penalty": "sparsity_penalty", "initial_sparsity_penalty": "sparsity_penalty"}
+RENAMED_CONFIG_FIELDS = {"l1_penalty": "sparsity_penalty", "initial_sparsity_penalty": "sparsity_penalty",
+                         "wandb_name": "name"}
 
 
 def current_field_names(config: dict[str, Any]) -> dict[str, Any]:

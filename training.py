@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from .checks import as_dtype
 from .files import json_default
 from .normalization import activation_scale as unit_norm_scale
-from .registry import recipe_class
+from .registry import dictionary_class, recipe_class
 from .runs import (STATE_FILE, Checkpointer, RunFolder, RunLock, clear_previous_run, current_field_names,
                    exported_weights, previous_run)
+from .saebench import config_from_run
 from .sites import layer_of
 from .trainers.base import ConstrainedAdam, NonFiniteLoss, SAETrainer, TrainerConfig, config_field_names
 
@@ -59,10 +60,11 @@ def build_trainer(
         config = current_field_names(copy.deepcopy(dict(config)))
         trainer = config.pop("trainer", None) or config.pop("trainer_class", None)
         config.pop("trainer_class", None)
-        config.pop("dict_class", None)
+        dict_class = config.pop("dict_class", None)
         if trainer is None:
             raise ValueError("trainer config dict needs a 'trainer' key: a recipe name such as 'TopKTrainer'")
         trainer_class = recipe_class(trainer) if isinstance(trainer, str) else trainer
+        _check_dict_class(dict_class, trainer_class)
         valid = config_field_names(trainer_class.Config)
         unknown = sorted(set(config) - set(valid))
         if unknown:
@@ -89,6 +91,22 @@ def build_trainer(
     return trainer_class(config)
 
 
+def _check_dict_class(dict_class: Any, trainer_class: type[SAETrainer]) -> None:
+    """A config's `dict_class` (the reference's key: a class or its name) must be what the recipe
+    trains; here it only confirms the choice, since a recipe trains one class."""
+    if dict_class is None:
+        return
+    expected = trainer_class.dictionary_class
+    name = getattr(dict_class, "__name__", dict_class)
+    try:
+        matches = dictionary_class(name) is expected
+    except ValueError:
+        matches = False
+    if not matches:
+        raise ValueError(f"dict_class {name!r} does not match {trainer_class.__name__}, which trains "
+                         f"{expected.__name__}: drop dict_class, or pick a recipe that trains {name}")
+
+
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
@@ -106,6 +124,7 @@ class RunSettings:
     autocast_dtype: str | None
     seed: int | None
     on_nonfinite: str = "raise"
+    backup_steps: int | None = None
 
 
 def _seed_form_config(activation_dim, dictionary_size, lr, sparsity_penalty, **fields) -> dict[str, Any]:
@@ -116,6 +135,12 @@ def _seed_form_config(activation_dim, dictionary_size, lr, sparsity_penalty, **f
         raise ValueError(f"trainSAE needs {', '.join(missing)} (or trainer_configs=[...] to train other recipes)")
     return {"trainer": "StandardTrainer", "activation_dim": activation_dim, "dict_size": dictionary_size, "lr": lr,
             "sparsity_penalty": sparsity_penalty, **fields}
+
+
+def _is_config_list(value: Any) -> bool:
+    """Whether `value` is a list of trainer configs (passed where the seed form has activation_dim)."""
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(config, (Mapping, TrainerConfig)) for config in value)
 
 
 def _check_sweep_form(trainer_configs, **seed_form_arguments) -> list:
@@ -347,6 +372,12 @@ def trainSAE(
     progress: bool = True,
     overwrite: bool = False,
     on_nonfinite: str = "raise",
+    backup_steps: int | None = None,
+    verbose: bool = False,
+    wandb_entity: str | None = None,
+    run_cfg: Mapping[str, Any] | None = None,
+    activations_split_by_head: bool = False,
+    transcoder: bool = False,
 ):
     """Train sparse autoencoders on `data`, an iterator of activation batches [B, D] or
     [B, L, D] (an ActivationBuffer, a list, a DataLoader).
@@ -380,7 +411,19 @@ def trainSAE(
     on_nonfinite: what to do when a trainer's loss is NaN or ±inf: "raise" (stop with an error
         naming the trainer, the step and the likely cause; the last checkpoint stays as it was) or
         "skip" (that trainer skips the batch; after MAX_SKIPPED_IN_A_ROW in a row it raises).
+
+    The reference library's order `trainSAE(data, trainer_configs, steps)` works too (a list of
+    configs in second place is taken as `trainer_configs`, and a third argument as `steps`).
+    The reference library's other arguments: `backup_steps` writes the resumable state (without a
+    checkpoint of the weights) every this many steps; `verbose` prints the logged metrics;
+    `wandb_entity` and `run_cfg` (extra config) go to wandb; `activations_split_by_head` and
+    `transcoder` only shaped the reference's logging and change nothing here (batches of
+    (input, output) pairs train transcoders by themselves).
     """
+    if trainer_configs is None and _is_config_list(activation_dim):  # the reference's order (data, configs, steps)
+        trainer_configs, activation_dim = activation_dim, None
+        if dictionary_size is not None and steps is None:
+            steps, dictionary_size = dictionary_size, None
     seed_form = trainer_configs is None
     if seed_form:
         configs = [_seed_form_config(activation_dim, dictionary_size, lr, sparsity_penalty, entropy=entropy,
@@ -396,6 +439,9 @@ def trainSAE(
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     checkpoint_steps = _save_steps(save_steps)
+    if backup_steps is not None and (isinstance(backup_steps, bool) or not isinstance(backup_steps, int)
+                                     or backup_steps <= 0):
+        raise ValueError(f"backup_steps must be a positive number of steps or None, got {backup_steps!r}")
     if resume_from is not None:
         resume_from = Path(resume_from)
         if not (resume_from / STATE_FILE).exists():
@@ -404,11 +450,12 @@ def trainSAE(
                 "save_steps (pass the save_dir of a run that had save_steps)"
             )
         save_dir = resume_from if save_dir is None else save_dir
-    if checkpoint_steps and save_dir is None:
-        raise ValueError("save_steps needs save_dir (where to write the checkpoints)")
+    if (checkpoint_steps or backup_steps) and save_dir is None:
+        raise ValueError("save_steps and backup_steps need save_dir (where to write the checkpoints)")
     autocast_dtype = as_dtype(autocast_dtype, "autocast_dtype")
     settings = RunSettings(steps, checkpoint_steps, log_steps, normalize_activations,
-                           str(autocast_dtype) if autocast_dtype is not None else None, seed, on_nonfinite)
+                           str(autocast_dtype) if autocast_dtype is not None else None, seed, on_nonfinite,
+                           backup_steps)
 
     trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
     _check_sites(trainers, data)
@@ -435,10 +482,13 @@ def trainSAE(
             peeked = list(itertools.islice(batches, min(NORMALIZATION_BATCHES, steps or NORMALIZATION_BATCHES)))
             scales = _activation_scales(peeked, trainers)
             batches = itertools.chain(peeked, batches)
-        run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, use_wandb, wandb_project, data_record)
+        wandb_settings = ({"project": wandb_project, "entity": wandb_entity, "config": dict(run_cfg or {})}
+                          if use_wandb else None)
+        run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, wandb_settings, data_record)
         try:
             run.start(resume_from, steps_done, scales)
-            steps_done = _train(trainers, batches, run, steps_done, scales, settings, autocast_dtype, progress)
+            steps_done = _train(trainers, batches, run, steps_done, scales, settings, autocast_dtype, progress,
+                                verbose)
             if steps is not None and steps_done < steps:
                 warnings.warn(f"trainSAE: the data ran out after {steps_done} of steps={steps} batches; the "
                               f"dictionaries trained {steps_done} steps (recorded as steps_done in config.json), "
@@ -449,10 +499,11 @@ def trainSAE(
     finally:
         if lock is not None:
             lock.release()
-    for trainer in trainers:
+    for trainer, config in zip(trainers, run.configs()):
         scale = scales.get(_stream_key(trainer))
         if scale is not None:
             trainer.ae.scale_biases(1.0 / scale)
+        trainer.ae.cfg = config_from_run(config, trainer.ae.default_cfg())
     dictionaries = [trainer.ae for trainer in trainers]
     return dictionaries[0] if seed_form else dictionaries
 
@@ -525,7 +576,7 @@ def _scales(saved: Any) -> dict[str, float]:
 
 
 def _train(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
-           progress) -> int:
+           progress, verbose: bool = False) -> int:
     """The training loop: every trainer steps on every batch (on its site's part of it), its inputs
     scaled by its stream's entry in `scales`. Returns the steps done."""
     autocasts = [_autocast(trainer.device, autocast_dtype) for trainer in trainers]
@@ -562,9 +613,16 @@ def _train(trainers, batches, run, step, scales: dict[str, float], settings: Run
                 _check_weights(trainers, step, settings, run, batch)
                 logged = run.log(step, metrics)
                 bar.set_postfix(loss=f"{logged[0].get('loss', float('nan')):.4g}")
+                if verbose:
+                    for index, record in enumerate(logged):
+                        bar.write(f"step {step} trainer {index}: " +
+                                  ", ".join(f"{key} {value:.4g}" for key, value in record.items()))
             if step in settings.save_steps:
                 _check_weights(trainers, step, settings, run, batch)
                 run.checkpoint(step, scales)
+            elif settings.backup_steps and step % settings.backup_steps == 0:
+                _check_weights(trainers, step, settings, run, batch)
+                run.backup(step, scales)
     _check_weights(trainers, step, settings, run, batch)
     return step
 
@@ -590,7 +648,7 @@ class _Run:
     with use_wandb, a wandb run."""
 
     def __init__(self, trainers, settings: RunSettings, buffer_configs: list, save_dir, seed_form: bool,
-                 use_wandb: bool, wandb_project: str, data_record: dict[str, Any]):
+                 wandb_settings: dict[str, Any] | None, data_record: dict[str, Any]):
         self.trainers, self.settings, self.buffer_configs = trainers, settings, buffer_configs
         self.save_dir, self.data_record = save_dir, data_record
         self.folder = RunFolder(save_dir, len(trainers), single=seed_form) if save_dir is not None else None
@@ -600,13 +658,13 @@ class _Run:
         self.last_saved: int | None = None  # steps done at the last state saved
         self.skipped_steps = [0] * len(trainers)  # batches each trainer skipped (on_nonfinite="skip")
         self.wandb = None
-        if use_wandb:
+        if wandb_settings is not None:
             try:
                 import wandb
             except ImportError:
                 raise ImportError("use_wandb=True needs wandb: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, config={
-                "trainers": [trainer.config for trainer in trainers], **vars(settings)})
+            self.wandb = wandb.init(project=wandb_settings["project"], entity=wandb_settings["entity"], config={
+                "trainers": [trainer.config for trainer in trainers], **vars(settings), **wandb_settings["config"]})
 
     def scale_of(self, trainer) -> float | None:
         return self.scales.get(_stream_key(trainer))
@@ -652,12 +710,17 @@ class _Run:
                          steps_done=step)
         self.save_state(step)
 
+    def backup(self, step: int, scales: dict[str, float]) -> None:
+        """The resumable state only (no checkpoint of the weights): the reference's backup_steps."""
+        self.scales, self.steps_done = scales, step
+        self.save_state(step)
+
     def finish(self, steps_done: int, scales: dict[str, float]) -> None:
         """The final weights (ae.pt); with save_steps, also the state at the end, so the run can be extended."""
         self.scales, self.steps_done = scales, steps_done
         if self.folder is None:
             return
-        if self.settings.save_steps and steps_done not in self.settings.save_steps:
+        if (self.settings.save_steps or self.settings.backup_steps) and steps_done not in self.settings.save_steps:
             self.save_state(steps_done)
         self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
                          steps_done=None)

@@ -14,7 +14,14 @@ def examples() -> dict[str, str]:
 
 
 def test_the_readme_marks_its_examples():
-    assert {"sites", "transcoder"} <= set(examples())
+    assert {"sites", "transcoder", "compat"} <= set(examples())
+
+
+def test_readme_compat_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(examples()["compat"], "README.md example compat", "exec"), {"__name__": "readme_example"})
+    assert capsys.readouterr().out.splitlines() == ["torch.Size([1024, 128])", "standard 1024", "True"]
+    assert (tmp_path / "saelens_folder" / "cfg.json").exists()
 
 
 @pytest.mark.slow

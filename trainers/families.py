@@ -153,6 +153,10 @@ class TopKFamilyConfig(TrainerConfig):
     """first step whose batch updates the inference threshold."""
     grad_clip_norm: float | None = None
     """clip the global gradient norm to this (None: no clipping)."""
+    k_anneal_steps: int | None = None
+    """the reference library's k annealing: k starts at activation_dim and falls linearly to `k`
+    over this many steps, k_t = int(D (1 − r) + k r) with r = min(t, k_anneal_steps) / k_anneal_steps;
+    None: k from the start."""
 
 
 class TopKFamilyTrainer(TopKSchedule, SAETrainer):
@@ -197,6 +201,12 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
             )
         if cfg.grad_clip_norm is not None and cfg.grad_clip_norm <= 0:
             raise ValueError(f"{name}: grad_clip_norm must be positive or None, got {cfg.grad_clip_norm}")
+        if cfg.k_anneal_steps is not None:
+            if cfg.k_anneal_steps <= 0 or (cfg.steps is not None and cfg.k_anneal_steps >= cfg.steps):
+                raise ValueError(f"{name}: k_anneal_steps must be in [1, steps={cfg.steps}), got {cfg.k_anneal_steps}")
+            if cfg.activation_dim <= cfg.k or cfg.activation_dim > cfg.dict_size:
+                raise ValueError(f"{name}: k_anneal_steps anneals k from activation_dim={cfg.activation_dim} down to "
+                                 f"k={cfg.k}, so it needs k < activation_dim <= dict_size={cfg.dict_size}")
         if cfg.steps is not None and cfg.threshold_start_step >= cfg.steps:
             warnings.warn(
                 f"{name}: threshold_start_step={cfg.threshold_start_step} >= steps={cfg.steps}, so no "
@@ -207,6 +217,14 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
     def dictionary_arguments(self) -> tuple:
         """The dictionary's constructor arguments after (activation_dim, dict_size)."""
         return (self.cfg.k,)
+
+    def k_at(self, step: int) -> int:
+        """k at `step`: `cfg.k`, or during k annealing int(D (1 − r) + k r), r = min(step, K) / K."""
+        cfg = self.cfg
+        if cfg.k_anneal_steps is None:
+            return cfg.k
+        ratio = min(step, cfg.k_anneal_steps) / cfg.k_anneal_steps
+        return int(cfg.activation_dim * (1 - ratio) + cfg.k * ratio)
 
     def reconstruction_loss(self, x: torch.Tensor, codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(loss, residual x − x̂ [N, D], extra metrics) for x [N, D] and its features."""
@@ -255,6 +273,8 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
         if step == 0:
             with torch.no_grad():
                 self.ae.b_dec.copy_(geometric_median(x.reshape(-1, self.cfg.activation_dim)))
+        if self.cfg.k_anneal_steps is not None:
+            self.ae.k.fill_(self.k_at(step))
         metrics = super().update(step, x)
         statistic = metrics["min_kept_activation"]
         if step >= self.cfg.threshold_start_step and bool(torch.isfinite(statistic)):
