@@ -245,6 +245,7 @@ def auxk_loss(
     dead_mask: torch.Tensor,
     residual: torch.Tensor,
     k_aux: int,
+    mean_variance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AuxK (Gao et al. 2024, A.2): reconstruct the main model's error e = x − x̂ (detached) from
     the top-`k_aux` dead latents of each token, sparsely:
@@ -254,7 +255,9 @@ def auxk_loss(
     (sums over the batch; ē the batch mean of e). pre_activations [N, F] (no grad), encoder_input
     [N, D] = x − b_dec, dead_mask [F] bool, residual [N, D]. Gradient reaches only the dead latents'
     encoder columns, encoder biases and decoder rows (b_dec is held fixed here). Returns 0 when no
-    latent is dead.
+    latent is dead. `mean_variance`: ‖e − ē‖²'s mean over tokens when computed elsewhere (over the
+    global batch of data-parallel training); the loss is then the same ratio of per-token means,
+    (1/N) Σ_n ‖e_n − ê_n‖² / mean_variance.
     """
     dead = dead_mask.nonzero().squeeze(-1)
     if dead.numel() == 0:
@@ -267,6 +270,8 @@ def auxk_loss(
     values = gather_preactivations(pre_activations, encoder_input.detach(), W_enc, b_enc, None, rows, columns).relu()
     residual_hat = sparse_decode(SparseCodes(values, rows, columns, n_rows), W_dec)
     residual = residual.detach()
+    if mean_variance is not None:
+        return (residual_hat - residual).pow(2).sum() / n_rows / mean_variance.clamp_min(1e-12 / n_rows)
     total_variance = (residual - residual.mean(dim=0)).pow(2).sum()
     return (residual_hat - residual).pow(2).sum() / total_variance.clamp_min(1e-12)
 

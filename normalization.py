@@ -25,15 +25,27 @@ import torch
 
 from .dictionary import Dictionary
 
-__all__ = ["activation_scale", "batch_scale", "RunTimeNormalized", "RUN_TIME_NORMALIZATIONS"]
+__all__ = ["activation_scale", "squared_norm_sum", "scale_from_sums", "batch_scale", "RunTimeNormalized", "RUN_TIME_NORMALIZATIONS"]
 
 
 def activation_scale(x: torch.Tensor | Sequence[torch.Tensor]) -> float:
     """s with E‖s·x‖² = 1 over the tokens of x [..., D], or of several such tensors together:
     s = 1 / √(mean over tokens of ‖x‖²), accumulated in float64. ValueError if every x is zero."""
+    return scale_from_sums(*squared_norm_sum(x))
+
+
+def squared_norm_sum(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[float, int]:
+    """(Σ ‖x_n‖², the number of tokens) over the tokens of x [..., D] or of several such tensors,
+    accumulated in float64: what `activation_scale` needs, to be summed over ranks in data-parallel
+    training."""
     parts = [x] if isinstance(x, torch.Tensor) else list(x)
     n_tokens = sum(part[..., 0].numel() for part in parts)
-    mean_square = sum(float(part.double().pow(2).sum()) for part in parts) / max(n_tokens, 1)
+    return sum(float(part.double().pow(2).sum()) for part in parts), n_tokens
+
+
+def scale_from_sums(squared_norms: float, n_tokens: int) -> float:
+    """s = 1 / √(Σ‖x‖² / n_tokens), the scale of `activation_scale`; ValueError if it has none."""
+    mean_square = squared_norms / max(n_tokens, 1)
     if not mean_square > 0 or not math.isfinite(mean_square):
         raise ValueError(f"activations over {n_tokens} tokens have mean squared norm {mean_square}, so they give "
                          "no scale: check the data")

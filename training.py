@@ -19,7 +19,7 @@ import itertools
 import json
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -29,8 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import as_dtype
+from .distributed import (SINGLE_PROCESS, RankLost, Replicas, destroy_process_group, init_process_group,
+                          world_replicas)
 from .files import json_default
-from .normalization import activation_scale as unit_norm_scale
+from .normalization import scale_from_sums, squared_norm_sum
 from .registry import dictionary_class, recipe_class
 from .runs import (STATE_FILE, Checkpointer, RunFolder, RunLock, clear_previous_run, current_field_names,
                    exported_weights, previous_run)
@@ -303,9 +305,22 @@ def _data_record(data: Any, first_batch: Any) -> dict[str, Any]:
     return {"source": _buffer_config(data), "first_batch_sha256": _fingerprint(first_batch)}
 
 
-def _check_same_data(saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+def _check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], replicas: Replicas = SINGLE_PROCESS) -> None:
+    """The data of a resumed run is the interrupted run's: the same source and first batch (of this
+    rank, in data-parallel training). Resumed on another number of ranks, only the source can be
+    checked: each rank's batches then differ from the interrupted run's (a warning says so)."""
     if saved is None:  # a state written before data fingerprints
         return
+    saved_ranks = saved.get("ranks") or [saved]
+    if len(saved_ranks) == replicas.size:
+        saved = saved_ranks[replicas.rank]
+    else:
+        now = {**now, "first_batch_sha256": saved.get("first_batch_sha256")}
+        if replicas.rank == 0:
+            warnings.warn(f"trainSAE: resuming on {replicas.size} rank(s) a run saved by {len(saved_ranks)}: each rank "
+                          "skips the batches already trained and continues on its own data, so the global batches "
+                          "differ from those of an uninterrupted run (the training state itself carries over)",
+                          stacklevel=3)
     source, saved_source = now["source"], saved.get("source")
     if isinstance(source, Mapping) and isinstance(saved_source, Mapping):
         differing = sorted(k for k in set(source) | set(saved_source)
@@ -324,19 +339,32 @@ NORMALIZATION_BATCHES = 8
 """normalize_activations estimates E‖x‖² from this many first batches (fewer if the run is shorter)."""
 
 
-def _activation_scales(batches: list[Any], trainers: Sequence[SAETrainer]) -> dict[str, float]:
-    """The scale s of each stream with E‖s·x‖² = 1, over the tokens of `batches` together (a pair's
-    s is that of its inputs). An all-zero stream is an error: it has no scale."""
-    scales = {}
+def _squared_norms(batches: list[Any], trainers: Sequence[SAETrainer]) -> dict[str, tuple[float, int]]:
+    """(Σ‖x‖², tokens) of each stream over `batches` (a pair's: of its inputs), each batch checked."""
+    sums = {}
     for index, trainer in enumerate(trainers):
         key = _stream_key(trainer)
-        if key in scales:
-            continue
-        streams = [_stream(batch, trainer, index, step) for step, batch in enumerate(batches)]
+        if key not in sums:
+            streams = [_stream(batch, trainer, index, step) for step, batch in enumerate(batches)]
+            sums[key] = squared_norm_sum([s[0] if isinstance(s, tuple) else s for s in streams])
+    return sums
+
+
+def _activation_scales(sums: dict[str, tuple[float, int]], n_batches: int,
+                       replicas: Replicas = SINGLE_PROCESS) -> dict[str, float]:
+    """The scale s of each stream with E‖s·x‖² = 1 over the tokens of its first `n_batches` batches
+    together (of every rank). An all-zero stream is an error: it has no scale."""
+    keys = list(sums)
+    if replicas.distributed:
+        totals = replicas.sum_(torch.tensor([sums[key] for key in keys], dtype=torch.float64,
+                                            device=replicas.control_device)).tolist()
+        sums = {key: (total[0], int(total[1])) for key, total in zip(keys, totals)}
+    scales = {}
+    for key in keys:
         try:
-            scales[key] = unit_norm_scale([s[0] if isinstance(s, tuple) else s for s in streams])
+            scales[key] = scale_from_sums(*sums[key])
         except ValueError as error:
-            raise ValueError(f"normalize_activations: the first {len(batches)} batches of "
+            raise ValueError(f"normalize_activations: the first {n_batches} batches of "
                              f"{'site ' + repr(key) if key else 'the data'}: {error}") from None
     return scales
 
@@ -457,48 +485,66 @@ def trainSAE(
                            str(autocast_dtype) if autocast_dtype is not None else None, seed, on_nonfinite,
                            backup_steps)
 
-    trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
-    _check_sites(trainers, data)
-    buffer_configs = [_buffer_config(data, trainer.cfg.site) for trainer in trainers]
-    for trainer, buffer_config in zip(trainers, buffer_configs):
-        _record_provenance(trainer, buffer_config)
-    lock = _claim(save_dir, resume_from, overwrite)
+    created_group = init_process_group()  # under torchrun: join the other ranks (data parallel)
     try:
-        steps_done, scales, saved_data = 0, {}, None
-        if resume_from is not None:
-            steps_done, saved_scales, saved_data = Checkpointer(resume_from / STATE_FILE).load(trainers)
-            scales = _scales(saved_scales)
-            if steps is not None and steps < steps_done:
-                raise ValueError(f"resume_from: the run already trained {steps_done} steps, more than steps={steps}; "
-                                 "pass steps >= the steps done (or use its checkpoints/ae_N.pt)")
-        batches = iter(data)
-        first = next(batches, None)
-        if first is None:
-            raise ValueError("activations yielded no batches: the data iterator is empty")
-        data_record = _data_record(data, first)
-        _check_same_data(saved_data, data_record)
-        batches = _skipped(itertools.chain([first], batches), steps_done)
-        if normalize_activations and not scales:
-            peeked = list(itertools.islice(batches, min(NORMALIZATION_BATCHES, steps or NORMALIZATION_BATCHES)))
-            scales = _activation_scales(peeked, trainers)
-            batches = itertools.chain(peeked, batches)
-        wandb_settings = ({"project": wandb_project, "entity": wandb_entity, "config": dict(run_cfg or {})}
-                          if use_wandb else None)
-        run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, wandb_settings, data_record)
+        replicas = world_replicas()
+        trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
+        for trainer in trainers:
+            trainer.replicas = replicas
+        _check_sites(trainers, data)
+        buffer_configs = [_buffer_config(data, trainer.cfg.site) for trainer in trainers]
+        for trainer, buffer_config in zip(trainers, buffer_configs):
+            _record_provenance(trainer, buffer_config)
+        lock = None
         try:
-            run.start(resume_from, steps_done, scales)
-            steps_done = _train(trainers, batches, run, steps_done, scales, settings, autocast_dtype, progress,
-                                verbose)
-            if steps is not None and steps_done < steps:
-                warnings.warn(f"trainSAE: the data ran out after {steps_done} of steps={steps} batches; the "
-                              f"dictionaries trained {steps_done} steps (recorded as steps_done in config.json), "
-                              "with LR and sparsity schedules planned for steps", stacklevel=2)
-            run.finish(steps_done, scales)
+            with _all_ranks_start(replicas):
+                lock = _claim(save_dir, resume_from, overwrite) if replicas.rank == 0 else None
+                steps_done, scales, saved_data = 0, {}, None
+                if resume_from is not None:
+                    steps_done, saved_scales, saved_data = Checkpointer(resume_from / STATE_FILE).load(trainers)
+                    scales = _scales(saved_scales)
+                    if steps is not None and steps < steps_done:
+                        raise ValueError(f"resume_from: the run already trained {steps_done} steps, more than "
+                                         f"steps={steps}; pass steps >= the steps done (or use its checkpoints/ae_N.pt)")
+                batches = iter(data)
+                first = next(batches, None)
+                if first is None:
+                    raise ValueError("activations yielded no batches: the data iterator is empty")
+                data_record = _data_record(data, first)
+                _check_same_data(saved_data, data_record, replicas)
+                batches = _skipped(itertools.chain([first], batches), steps_done)
+                normalizing = normalize_activations and not scales
+                if normalizing:
+                    peeked = list(itertools.islice(batches, min(NORMALIZATION_BATCHES, steps or NORMALIZATION_BATCHES)))
+                    squared_norms = _squared_norms(peeked, trainers)
+                    batches = itertools.chain(peeked, batches)
+            if normalizing:
+                scales = _activation_scales(squared_norms, len(peeked), replicas)
+            if replicas.distributed:  # the state records every rank's data
+                records = replicas.exchange(data_record)
+                data_record = {**records[0], "ranks": records}
+            wandb_settings = ({"project": wandb_project, "entity": wandb_entity, "config": dict(run_cfg or {})}
+                              if use_wandb else None)
+            run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, wandb_settings, data_record,
+                       writer=replicas.rank == 0)
+            try:
+                run.start(resume_from, steps_done, scales)
+                steps_done = _train(trainers, batches, run, steps_done, scales, settings, autocast_dtype,
+                                    progress and replicas.rank == 0, verbose, replicas)
+                if steps is not None and steps_done < steps and replicas.rank == 0:
+                    warnings.warn(f"trainSAE: the data ran out after {steps_done} of steps={steps} batches; the "
+                                  f"dictionaries trained {steps_done} steps (recorded as steps_done in config.json), "
+                                  "with LR and sparsity schedules planned for steps", stacklevel=2)
+                run.finish(steps_done, scales)
+                replicas.all_true(True)  # every rank returns once rank 0 has written the final files
+            finally:
+                run.close()
         finally:
-            run.close()
+            if lock is not None:
+                lock.release()
     finally:
-        if lock is not None:
-            lock.release()
+        if created_group:
+            destroy_process_group()
     for trainer, config in zip(trainers, run.configs()):
         scale = scales.get(_stream_key(trainer))
         if scale is not None:
@@ -506,6 +552,26 @@ def trainSAE(
         trainer.ae.cfg = config_from_run(config, trainer.ae.default_cfg())
     dictionaries = [trainer.ae for trainer in trainers]
     return dictionaries[0] if seed_form else dictionaries
+
+
+@contextmanager
+def _all_ranks_start(replicas: Replicas):
+    """Run the start of a run (claiming the folder, loading the state, reading the first batches) on
+    every rank, then agree: if any rank failed, every rank stops (the failed one with its own error,
+    the others naming it) instead of waiting for it in the first collective."""
+    if not replicas.distributed:
+        yield
+        return
+    try:
+        yield
+    except Exception as error:
+        replicas.exchange(f"{type(error).__name__}: {error}")
+        raise
+    failed = [(rank, message) for rank, message in enumerate(replicas.exchange(None)) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"trainSAE: rank {rank} of {replicas.size} could not start the run ({message}); every "
+                           "rank stops")
 
 
 def _claim(save_dir, resume_from: Path | None, overwrite: bool) -> RunLock | None:
@@ -576,9 +642,41 @@ def _scales(saved: Any) -> dict[str, float]:
 
 
 def _train(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
-           progress, verbose: bool = False) -> int:
+           progress, verbose: bool = False, replicas: Replicas = SINGLE_PROCESS) -> int:
     """The training loop: every trainer steps on every batch (on its site's part of it), its inputs
-    scaled by its stream's entry in `scales`. Returns the steps done."""
+    scaled by its stream's entry in `scales`. Returns the steps done. With `replicas`, every rank
+    steps on its own batches in lockstep, and a rank that stops (dies, fails) stops the others
+    with an error naming the step."""
+    if not replicas.distributed:
+        return _train_steps(trainers, batches, run, step, scales, settings, autocast_dtype, progress, verbose)
+    try:
+        return _train_steps(trainers, _in_lockstep(batches, replicas), run, step, scales, settings, autocast_dtype,
+                            progress, verbose, replicas)
+    except RankLost as error:
+        saved = (f"the last state saved is that of step {run.last_saved}: resume with resume_from={str(run.save_dir)!r}"
+                 if run.last_saved else "no state was saved (save_steps saves one)")
+        raise RuntimeError(f"trainSAE (rank {replicas.rank} of {replicas.size}): lost contact with the other ranks "
+                           f"after {run.steps_trained} steps: a rank died or stopped with an error (see its output). "
+                           f"The run stopped; {saved}. [{error}]") from error
+
+
+def _in_lockstep(batches: Iterator[Any], replicas: Replicas) -> Iterator[Any]:
+    """`batches` while every rank still has one: the ranks take each step together, and all stop
+    when the first runs out of data."""
+    for batch in batches:
+        if not replicas.all_true(True):
+            return
+        yield batch
+    replicas.all_true(False)
+
+
+def _rows(stream: Any) -> int:
+    """The token rows of a stream's batch (of its inputs, for pairs)."""
+    return (stream[0] if isinstance(stream, tuple) else stream).shape[0]
+
+
+def _train_steps(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
+                 progress, verbose: bool = False, replicas: Replicas = SINGLE_PROCESS) -> int:
     autocasts = [_autocast(trainer.device, autocast_dtype) for trainer in trainers]
     skipped_in_a_row = [0] * len(trainers)
     batch = None
@@ -608,9 +706,13 @@ def _train(trainers, batches, run, step, scales: dict[str, float], settings: Run
                     run.skipped_steps[index] += 1
                     metrics.append({"loss": torch.tensor(error.value)})
             step += 1
+            run.steps_trained = step
             bar.update(1)
             if settings.log_steps is not None and (step % settings.log_steps == 0 or step == 1):
                 _check_weights(trainers, step, settings, run, batch)
+                if replicas.distributed:
+                    rows = [_rows(inputs[(_stream_key(trainer), trainer.device)]) for trainer in trainers]
+                    metrics = _global_metrics(metrics, rows, replicas)
                 logged = run.log(step, metrics)
                 bar.set_postfix(loss=f"{logged[0].get('loss', float('nan')):.4g}")
                 if verbose:
@@ -625,6 +727,18 @@ def _train(trainers, batches, run, step, scales: dict[str, float], settings: Run
                 run.backup(step, scales)
     _check_weights(trainers, step, settings, run, batch)
     return step
+
+
+def _global_metrics(metrics: Sequence[dict[str, torch.Tensor]], rows: Sequence[int],
+                    replicas: Replicas) -> list[dict[str, torch.Tensor]]:
+    """Each trainer's metrics as means over the global batch, Σ_r N_r m_r / Σ_r N_r (every rank
+    logs the same keys: they depend on the step and on reduced state only)."""
+    keys = [list(m) for m in metrics]
+    values = [float(m[key]) * n for m, names, n in zip(metrics, keys, rows) for key in names]
+    packed = replicas.sum_(torch.tensor([*values, *map(float, rows)], dtype=torch.float64,
+                                        device=replicas.control_device)).tolist()
+    totals, counts = iter(packed[: len(values)]), packed[len(values):]
+    return [{key: torch.tensor(next(totals) / count) for key in names} for names, count in zip(keys, counts)]
 
 
 def _prepared(stream, scale: float | None, device: torch.device):
@@ -648,17 +762,20 @@ class _Run:
     with use_wandb, a wandb run."""
 
     def __init__(self, trainers, settings: RunSettings, buffer_configs: list, save_dir, seed_form: bool,
-                 wandb_settings: dict[str, Any] | None, data_record: dict[str, Any]):
+                 wandb_settings: dict[str, Any] | None, data_record: dict[str, Any], writer: bool = True):
+        """`writer`: whether this process writes the files (in data-parallel training, rank 0 only)."""
         self.trainers, self.settings, self.buffer_configs = trainers, settings, buffer_configs
         self.save_dir, self.data_record = save_dir, data_record
-        self.folder = RunFolder(save_dir, len(trainers), single=seed_form) if save_dir is not None else None
-        self.checkpointer = Checkpointer(Path(save_dir) / STATE_FILE) if save_dir is not None else None
+        writes = save_dir is not None and writer
+        self.folder = RunFolder(save_dir, len(trainers), single=seed_form) if writes else None
+        self.checkpointer = Checkpointer(Path(save_dir) / STATE_FILE) if writes else None
         self.scales: dict[str, float] = {}
         self.steps_done = 0
+        self.steps_trained = 0  # steps done, as the loop goes
         self.last_saved: int | None = None  # steps done at the last state saved
         self.skipped_steps = [0] * len(trainers)  # batches each trainer skipped (on_nonfinite="skip")
         self.wandb = None
-        if wandb_settings is not None:
+        if wandb_settings is not None and writer:
             try:
                 import wandb
             except ImportError:
@@ -701,13 +818,15 @@ class _Run:
         return records
 
     def save_state(self, step: int) -> None:
-        self.checkpointer.save(self.trainers, step, dict(self.scales), self.data_record)
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.trainers, step, dict(self.scales), self.data_record)
         self.last_saved = step
 
     def checkpoint(self, step: int, scales: dict[str, float]) -> None:
         self.scales, self.steps_done = scales, step
-        self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
-                         steps_done=step)
+        if self.folder is not None:
+            self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
+                             steps_done=step)
         self.save_state(step)
 
     def backup(self, step: int, scales: dict[str, float]) -> None:

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..checks import check_device
 from ..dictionary import Dictionary
+from ..distributed import SINGLE_PROCESS, Replicas
 from ..kernels import SparseCodes
 
 
@@ -151,11 +152,17 @@ class L0Controller:
     def scale(self) -> float:
         return math.exp(self.log_scale)
 
-    def update(self, features: torch.Tensor | SparseCodes, adapt: bool) -> None:
+    def update(self, features: torch.Tensor | SparseCodes, adapt: bool, replicas: Replicas = SINGLE_PROCESS) -> None:
+        """`features` of one training batch (of this rank's rows: `replicas` makes the L0 that of
+        the global batch)."""
         if isinstance(features, SparseCodes):
-            l0 = float((features.values != 0).sum()) / max(features.n_rows, 1)
+            active, n_rows = (features.values != 0).sum(), features.n_rows
         else:
-            l0 = float((features != 0).sum()) / max(features.reshape(-1, features.shape[-1]).shape[0], 1)
+            active, n_rows = (features != 0).sum(), features.reshape(-1, features.shape[-1]).shape[0]
+        if replicas.distributed:
+            counts = replicas.sum_(torch.stack([active.double(), active.new_tensor(n_rows, dtype=torch.float64)]))
+            active, n_rows = counts[0], int(counts[1].item())
+        l0 = float(active) / max(n_rows, 1)
         self.mean_l0 = l0 if self.mean_l0 is None else self.EMA * self.mean_l0 + (1 - self.EMA) * l0
         if adapt:
             change = self.GAIN * math.log(max(self.mean_l0, 1e-3) / self.target)
@@ -176,9 +183,10 @@ class DeadLatentTracker:
         self.tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor | SparseCodes) -> None:
+    def update(self, features: torch.Tensor | SparseCodes, replicas: Replicas = SINGLE_PROCESS) -> None:
         """`features` of one training batch: dense [..., F] (non-negative, as every dictionary of
-        the library produces) or `SparseCodes`. A latent fired if any token has it nonzero."""
+        the library produces) or `SparseCodes`. A latent fired if any token has it nonzero (of the
+        global batch: every rank's rows, with `replicas`)."""
         dict_size = self.steps_since_fired.shape[0]
         if isinstance(features, SparseCodes):
             fired = torch.zeros(dict_size, dtype=torch.bool, device=self.steps_since_fired.device)
@@ -188,6 +196,9 @@ class DeadLatentTracker:
             flat = features.reshape(-1, dict_size)
             fired = flat.amax(dim=0) > 0  # one pass over [N, F]; features are >= 0
             n_tokens = flat.shape[0]
+        if replicas.distributed:
+            counts = replicas.sum_(torch.cat([fired.long(), fired.new_tensor([n_tokens], dtype=torch.long)]))
+            fired, n_tokens = counts[:-1] > 0, counts[-1]
         self.steps_since_fired += 1
         self.tokens_since_fired += n_tokens
         self.steps_since_fired[fired] = 0
@@ -353,6 +364,13 @@ class NonFiniteLoss(FloatingPointError):
         self.step, self.value = step, value
 
 
+def rows_of(features: torch.Tensor | SparseCodes) -> int:
+    """N, the tokens of a batch's features (dense [..., F] or SparseCodes)."""
+    if isinstance(features, SparseCodes):
+        return features.n_rows
+    return features.reshape(-1, features.shape[-1]).shape[0]
+
+
 class LossOutput(NamedTuple):
     loss: torch.Tensor  # scalar to minimise
     features: torch.Tensor | SparseCodes  # the batch's features [N, F] (for dead-latent tracking)
@@ -385,6 +403,9 @@ class SAETrainer:
         self.lr = config.lr if config.lr is not None else self.default_learning_rate()
         self.dead_tracker = DeadLatentTracker(config.dict_size, self.device)
         self.l0_controller = L0Controller(config.target_l0) if self.adapts_penalty_to_target_l0() else None
+        self.replicas: Replicas = SINGLE_PROCESS
+        """the ranks holding copies of this trainer (data-parallel training, distributed.py): `update`
+        then takes this rank's rows and steps as on the global batch."""
 
     def build_dictionary(self, *args, **kwargs) -> Dictionary:
         """A new `dictionary_class(activation_dim, dict_size, *args, **kwargs)` on the trainer's
@@ -434,24 +455,32 @@ class SAETrainer:
         with `resample_steps` resamples the latents that did not fire in the last window."""
         every = getattr(self.cfg, "resample_steps", None)
         if every is not None and (step + 1) % every == 0:
-            self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), x)
+            self.resample_neurons(self.dead_tracker.dead_after_steps(every - 1), self.replicas.gather_rows(x))
 
     def resample_neurons(self, dead_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not resample dead latents")
 
     def update(self, step: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimisation step on the batch x [B, D]; returns detached metrics."""
+        """One optimisation step on the batch x [B, D] (with `replicas`, this rank's rows of the
+        global batch); returns detached metrics."""
         self.set_lr(step)
         self.optimizer.zero_grad(set_to_none=True)
         out = self.loss(x, step)
-        if not bool(torch.isfinite(out.loss)):
-            raise NonFiniteLoss(step, out.loss.item())
-        out.loss.backward()
+        if self.replicas.distributed:  # every rank learns whether any rank's loss is finite
+            out.loss.backward()
+            loss = self.replicas.reduce_gradients(self.ae.parameters(), rows_of(out.features), out.loss)
+            if not bool(torch.isfinite(loss)):
+                raise NonFiniteLoss(step, loss.item())
+        else:
+            if not bool(torch.isfinite(out.loss)):
+                raise NonFiniteLoss(step, out.loss.item())
+            out.loss.backward()
         self.before_optimizer_step(step)
         self.optimizer.step()
-        self.dead_tracker.update(out.features)
+        self.dead_tracker.update(out.features, self.replicas)
         if self.l0_controller is not None:
-            self.l0_controller.update(out.features, adapt=step + 1 >= (self.cfg.sparsity_warmup_steps or 0))
+            self.l0_controller.update(out.features, adapt=step + 1 >= (self.cfg.sparsity_warmup_steps or 0),
+                                      replicas=self.replicas)
             out.metrics["penalty_scale"] = torch.tensor(self.l0_controller.scale)
         self.after_optimizer_step(step, x)
         return out.metrics

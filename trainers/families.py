@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..distributed import SINGLE_PROCESS, Replicas
 from ..kernels import GatedEncode, SparseCodes
 from .base import (
     ConstrainedAdam,
@@ -121,20 +122,28 @@ class RunningThreshold:
         self.updates = int(state["updates"])
 
 
-def mean_smallest_kept_per_token(codes: SparseCodes) -> torch.Tensor:
+def mean_smallest_kept_per_token(codes: SparseCodes, replicas: Replicas = SINGLE_PROCESS) -> torch.Tensor:
     """The mean over tokens of each token's smallest positive kept activation (NaN if none is);
-    `codes` holds the same number of entries for every token (top-k per token)."""
+    `codes` holds the same number of entries for every token (top-k per token). With `replicas`,
+    over the tokens of every rank."""
     values = codes.values.detach().reshape(codes.n_rows, -1)  # [N, k]
     smallest = values.masked_fill(values <= 0, math.inf).min(dim=1).values
     smallest = smallest[torch.isfinite(smallest)]
+    if replicas.distributed:
+        total = replicas.sum_(torch.stack([smallest.sum(), smallest.new_tensor(smallest.numel())]))
+        return total[0] / total[1] if bool(total[1] > 0) else values.new_tensor(math.nan)
     return smallest.mean() if smallest.numel() else values.new_tensor(math.nan)
 
 
-def smallest_kept(codes: SparseCodes) -> torch.Tensor:
-    """The smallest positive activation kept in the batch (NaN if none is)."""
+def smallest_kept(codes: SparseCodes, replicas: Replicas = SINGLE_PROCESS) -> torch.Tensor:
+    """The smallest positive activation kept in the batch (NaN if none is); with `replicas`, in
+    the global batch."""
     values = codes.values.detach()
     positive = values[values > 0]
-    return positive.min() if positive.numel() else values.new_tensor(math.nan)
+    if not replicas.distributed:
+        return positive.min() if positive.numel() else values.new_tensor(math.nan)
+    smallest = replicas.min_((positive.min() if positive.numel() else values.new_tensor(math.inf)).reshape(1))[0]
+    return smallest if bool(torch.isfinite(smallest)) else values.new_tensor(math.nan)
 
 
 @dataclass
@@ -238,7 +247,10 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
         encoder_input = x - ae.b_dec.detach()
         with torch.no_grad():
             pre = torch.addmm(ae.b_enc, encoder_input, ae.W_enc)
-            codes = ae.select(pre, use_threshold=False)
+            if ae.batch_top_k and self.replicas.distributed:  # the k·N largest of the global batch
+                codes = self.replicas.batch_top_k_codes(pre, int(ae.k))
+            else:
+                codes = ae.select(pre, use_threshold=False)
         values = kernels.gather_preactivations(
             pre, encoder_input, ae.W_enc, ae.b_enc, ae.b_dec, codes.rows, codes.columns
         ).relu()
@@ -254,8 +266,10 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
         loss = recon_loss
         dead_mask = self.dead_latent_mask()
         if self.cfg.auxk_alpha > 0:
+            mean_variance = (self.replicas.mean_squared_deviation(residual)
+                             if self.replicas.distributed and bool(dead_mask.any()) else None)
             aux = kernels.auxk_loss(pre, encoder_input, self.ae.W_enc, self.ae.b_enc, self.ae.W_dec, dead_mask,
-                                    residual, self.k_aux)
+                                    residual, self.k_aux, mean_variance)
             loss = loss + self.cfg.auxk_alpha * aux
             metrics["auxk_loss"] = aux.detach()
         metrics.update(
@@ -263,7 +277,7 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
             loss=loss.detach(),
             l0=(codes.values.detach() > 0).sum() / codes.n_rows,
             dead_latents=dead_mask.sum(),
-            min_kept_activation=self.threshold_statistic(codes),
+            min_kept_activation=self.threshold_statistic(codes, self.replicas),
         )
         return LossOutput(loss, codes.detached(), metrics)
 
@@ -272,7 +286,7 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
         `threshold_start_step` on, the batch's statistic updates θ."""
         if step == 0:
             with torch.no_grad():
-                self.ae.b_dec.copy_(geometric_median(x.reshape(-1, self.cfg.activation_dim)))
+                self.ae.b_dec.copy_(geometric_median(self.replicas.gather_rows(x.reshape(-1, self.cfg.activation_dim))))
         if self.cfg.k_anneal_steps is not None:
             self.ae.k.fill_(self.k_at(step))
         metrics = super().update(step, x)
@@ -476,9 +490,11 @@ class PAnnealSchedule:
             return False
         return step > self.change_steps[self.n_changes_done] - self.queue_length
 
-    def penalty(self, f: Features, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def penalty(self, f: Features, step: int, replicas: Replicas = SINGLE_PROCESS
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """λ · mean S_p(f) for features f [..., F] (or SparseCodes), and detached metrics (with S at
-        the next p inside the measuring window)."""
+        the next p inside the measuring window, where with `replicas` both are means over the
+        global batch, since they set λ at the jump)."""
         sparsity = kernels.lp_sparsity(f, self.p, self.sparsity_function)
         metrics = {
             "sparsity_loss": sparsity.detach(),
@@ -488,6 +504,10 @@ class PAnnealSchedule:
         if self.measures_next(step):
             with torch.no_grad():
                 metrics["sparsity_loss_next_p"] = kernels.lp_sparsity(f, self.next_p, self.sparsity_function)
+            if replicas.distributed:
+                n_rows = f.n_rows if isinstance(f, SparseCodes) else f.reshape(-1, f.shape[-1]).shape[0]
+                metrics["sparsity_loss"], metrics["sparsity_loss_next_p"] = replicas.means(
+                    [metrics["sparsity_loss"], metrics["sparsity_loss_next_p"]], n_rows)
         return self.sparsity_coeff * sparsity, metrics
 
     def observe(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
@@ -667,9 +687,13 @@ class JumpReluFamilyTrainer(SAETrainer):
         l0 = kernels.StepFunction.apply(z, entry_threshold, bandwidth).sum() / n_tokens
         return kernels.sparse_decode(codes, ae.W_dec), l0, codes.detached()
 
-    def sparsity_loss(self, l0: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(λ(t) · S, S) with S = L0, or (L0/T − 1)² with a target T."""
-        sparsity = l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1).pow(2)
+    def sparsity_loss(self, l0: torch.Tensor, step: int, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ(t) · S, S) with S = L0, or (L0/T − 1)² with a target T (L0 of the global batch, with
+        `replicas`: S is not linear in it). l0 is the mean over this rank's n_rows rows."""
+        if self.cfg.target_l0 is None:
+            sparsity = l0
+        else:
+            sparsity = (self.replicas.mean(l0, n_rows) / self.cfg.target_l0 - 1).pow(2)
         return self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * sparsity, sparsity
 
     def after_optimizer_step(self, step: int, x) -> None:
@@ -713,7 +737,7 @@ class TranscoderFamilyTrainer(SAETrainer):
     def update(self, step: int, batch) -> dict[str, torch.Tensor]:
         if step == 0:
             with torch.no_grad():
-                self.ae.b_dec.copy_(self.pair(batch)[1].mean(dim=0))
+                self.ae.b_dec.copy_(self.replicas.gather_rows(self.pair(batch)[1]).mean(dim=0))
         return super().update(step, batch)
 
     @staticmethod

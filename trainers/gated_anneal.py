@@ -33,4 +33,4 @@ class GatedAnnealTrainer(AnnealedSparsity, GatedFamilyTrainer):
     default_lr = 3e-4  # saprmarks/dictionary_learning's default for this recipe
 
     def sparsity_penalty(self, gate: Features, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.anneal.penalty(gate, step)
+        return self.anneal.penalty(gate, step, self.replicas)

@@ -60,7 +60,7 @@ class JumpReluTrainer(JumpReluFamilyTrainer):
         x = x.reshape(-1, self.cfg.activation_dim)
         decoded, l0, features = self.jump_relu_decode(x)
         recon_loss = (x - (decoded + self.ae.b_dec)).pow(2).sum(dim=-1).mean()
-        penalty, sparsity = self.sparsity_loss(l0, step)
+        penalty, sparsity = self.sparsity_loss(l0, step, x.shape[0])
         loss = recon_loss + penalty
         metrics = {"mse_loss": recon_loss.detach(), "sparsity_loss": sparsity.detach(), "l0": l0.detach(),
                    "loss": loss.detach()}

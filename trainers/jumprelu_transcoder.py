@@ -33,7 +33,7 @@ class JumpReluTranscoderTrainer(TranscoderFamilyTrainer, JumpReluFamilyTrainer):
         decoded, l0, features = self.jump_relu_decode(x)
         y_hat = decoded + self.ae.b_dec + self.ae.skip_term(x)
         recon_loss = (y - y_hat).pow(2).sum(dim=-1).mean()
-        penalty, sparsity = self.sparsity_loss(l0, step)
+        penalty, sparsity = self.sparsity_loss(l0, step, x.shape[0])
         loss = recon_loss + penalty
         metrics = {**self.fit_metrics(y, y_hat), "sparsity_loss": sparsity.detach(), "l0": l0.detach(),
                    "loss": loss.detach()}

@@ -69,7 +69,7 @@ class PAnnealTrainer(AnnealedSparsity, SAETrainer):
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         x_hat, f = self.ae(x, output_features=True)
         recon_loss = (x - x_hat).pow(2).sum(dim=-1).mean()
-        penalty, metrics = self.anneal.penalty(f, step)
+        penalty, metrics = self.anneal.penalty(f, step, self.replicas)
         loss = recon_loss + self.penalty_scale(step) * penalty
         metrics.update(mse_loss=recon_loss.detach(), loss=loss.detach())
         return LossOutput(loss, f, metrics)

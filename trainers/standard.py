@@ -40,6 +40,7 @@ from .base import (
     TrainerConfig,
     check_positive,
     resample_dead_latents_,
+    rows_of,
 )
 
 EPS = 1e-8
@@ -105,7 +106,9 @@ class StandardTrainer(SAETrainer):
             target = residual.detach()
             scale = target.norm(dim=-1, keepdim=True) / (2 * x_ghost.norm(dim=-1, keepdim=True).clamp_min(EPS))
             ghost_loss = (x_ghost * scale.detach() - target).pow(2).sum(dim=-1).mean()
-            ghost_loss = ghost_loss * (recon_loss / ghost_loss.clamp_min(EPS)).detach()
+            # rescaled by a ratio of batch means: over the global batch in data-parallel training
+            recon_mean, ghost_mean = self.replicas.means([recon_loss, ghost_loss], rows_of(f))
+            ghost_loss = ghost_loss * (recon_mean / ghost_mean.clamp_min(EPS))
             loss = loss + ghost_loss
             metrics["ghost_loss"] = ghost_loss.detach()
             metrics["n_ghost_latents"] = ghost_mask.sum()

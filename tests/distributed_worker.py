@@ -1,0 +1,132 @@
+"""The training run of tests/test_distributed.py, on any number of ranks.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT [--steps N] ...
+    python tests/distributed_worker.py OUT            (one process: the same global batches whole)
+
+Every recipe of the registry trains on one stream of global batches of GLOBAL_BATCH rows; rank r
+of R takes rows [r·B/R, (r+1)·B/R) of each, so the R-rank run and the one-process run see the same
+rows in the same order. SAE recipes read the site "sae", transcoders
+the pairs of the site "tc". Each rank saves what trainSAE returned to OUT/returned_<rank>.pt and
+counts the files it wrote in OUT/writes_<rank>.json; `--kill-rank r --kill-at s` makes rank r
+kill itself with SIGKILL when it asks for batch s.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import runpy
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "_checkout.py"))["import_checkout"]()
+
+import torch  # noqa: E402
+
+from dictionary_learning import runs  # noqa: E402
+from dictionary_learning.trainers import get_trainer_class, trainer_names  # noqa: E402
+from dictionary_learning.training import trainSAE  # noqa: E402
+
+D, F_, GLOBAL_BATCH = 8, 32, 64
+
+
+def recipe_configs() -> list[dict]:
+    """Every recipe, small, with the state that must be reduced across ranks at work: dead latents
+    (AuxK, resampling, ghost grads), thresholds from step 3, p-annealing's λ rescaling, target_l0
+    (the L0 controller; JumpReLU's (L0/T − 1)² penalty), LR and sparsity warmups and decays.
+
+    p-annealing stops at p = 0.8: towards p = 0.2 the penalty's gradient p·f^(p−1) at features near 0
+    amplifies rounding so much that two one-process runs on inputs differing by 1e-7 (relative)
+    already end 1e-4 (PAnneal) to 3e-2 (GatedAnneal) apart, and no float tolerance separates a
+    bug from rounding there."""
+    configs = []
+    variants = [(name, {}) for name in trainer_names()]
+    variants += [("StandardTrainer", {"ghost_threshold": 4, "resample_steps": None, "target_l0": 4.0}),
+                 ("JumpReluTrainer", {"target_l0": 4.0})]
+    for name, overrides in variants:
+        fields = {f.name for f in dataclasses.fields(get_trainer_class(name).Config)}
+        extras = {"k": 3, "group_sizes": [4, 12, 16], "threshold_start_step": 3, "dead_tokens_threshold": 192,
+                  "anneal_start": 4, "n_sparsity_updates": 4, "p_end": 0.8, "sparsity_queue_length": 2, "resample_steps": 7,
+                  "sparsity_penalty": 0.05 if "JumpRelu" in name else 0.3, "skip": True}
+        config = {"trainer": name, "activation_dim": D, "dict_size": F_, "lr": 1e-2, "warmup_steps": 3,
+                  "decay_start": 15, "sparsity_warmup_steps": 5, "seed": 1,
+                  "site": "tc" if "Transcoder" in name else "sae"}
+        config.update({key: value for key, value in extras.items() if key in fields})
+        config.update(overrides)
+        configs.append(config)
+    return configs
+
+
+def global_batches(n: int, seed: int = 0) -> list[dict]:
+    """Sparse non-negative combinations of 24 features around one direction (so that some latents
+    never fire), and for the transcoders (x, x M + noise) pairs."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.nn.functional.normalize(1 + 0.5 * torch.randn(24, D, generator=g), dim=-1)
+    mix = torch.randn(D, D, generator=g) / D**0.5
+    batches = []
+    for _ in range(n):
+        codes = torch.rand(GLOBAL_BATCH, 24, generator=g) * (torch.rand(GLOBAL_BATCH, 24, generator=g) < 0.15)
+        x = codes @ features * 3 + 0.05 * torch.randn(GLOBAL_BATCH, D, generator=g)
+        x_in = torch.randn(GLOBAL_BATCH, D, generator=g)
+        batches.append({"sae": x, "tc": (x_in, x_in @ mix + 0.05 * torch.randn(GLOBAL_BATCH, D, generator=g))})
+    return batches
+
+
+def rows_of_rank(batch: dict, rank: int, world_size: int) -> dict:
+    share = GLOBAL_BATCH // world_size
+    part = slice(rank * share, (rank + 1) * share)
+    return {"sae": batch["sae"][part], "tc": tuple(t[part] for t in batch["tc"])}
+
+
+def train(out: Path, data, steps: int, resume: bool = False):
+    """The run of every test: all recipes, a checkpoint at step 10, normalised activations."""
+    save_dir = out / "run"
+    return trainSAE(data, trainer_configs=recipe_configs(), steps=steps, save_dir=save_dir, save_steps=[10],
+                    log_steps=5, normalize_activations=True, progress=False,
+                    resume_from=save_dir if resume else None)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kill-rank", type=int, default=None)
+    parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="join the ranks here with this timeout (s); without, trainSAE joins them")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if args.timeout is not None:
+        torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+
+    writes = []
+    for name in ("atomic_torch_save", "atomic_write_json", "atomic_write"):
+        def counted(*a, _original=getattr(runs, name), **k):
+            writes.append(str(a[1]))
+            return _original(*a, **k)
+
+        setattr(runs, name, counted)
+
+    def data():
+        for step, batch in enumerate(global_batches(args.steps)):
+            if rank == args.kill_rank and step == args.kill_at:
+                (out / "killed_at").write_text(str(time.time()))
+                (out / f"writes_{rank}.json").write_text(json.dumps(writes))
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield rows_of_rank(batch, rank, world_size)
+
+    dictionaries = train(out, data(), args.steps, args.resume)
+    torch.save([d.state_dict() for d in dictionaries], out / f"returned_{rank}.pt")
+    (out / f"writes_{rank}.json").write_text(json.dumps(writes))
+    if args.timeout is not None:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
