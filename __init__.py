@@ -6,6 +6,7 @@ language-model metrics are first used.
 """
 from .buffer import ActivationBuffer
 from .bundled import load_bundled_model, stdlib_text_stream
+from .cache import CachedActivations, cache_activations
 from .dictionary import (
     AutoEncoder,
     AutoEncoderTopK,
@@ -41,6 +42,7 @@ __all__ = [
     "AutoEncoder",
     "AutoEncoderTopK",
     "BatchTopKSAE",
+    "CachedActivations",
     "ConstrainedAdam",
     "Dictionary",
     "GatedAutoEncoder",
@@ -53,6 +55,7 @@ __all__ = [
     "SyntheticActivations",
     "TopKTranscoder",
     "Transcoder",
+    "cache_activations",
     "dictionary_directions",
     "evaluate",
     "evaluate_sweep",

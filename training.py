@@ -287,8 +287,10 @@ def trainSAE(
     log_steps: every this many steps (and after the first), losses go to the progress bar,
         each trainer's `log.jsonl` and, with `use_wandb`, to wandb (imported only then).
     device: where dict configs without a "device" (and the seed form) train.
-    normalize_activations: scale inputs by s so that E‖s·x‖² = 1 (s from the first batch); the
-        saved and returned dictionaries take raw activations (normalization.py).
+    normalize_activations: scale inputs by s so that E‖s·x‖² = 1 (s from the data's
+        `mean_squared_norm(site)` when it has one, as a CachedActivations does from its manifest,
+        else from the first batch); the saved and returned dictionaries take raw activations
+        (normalization.py).
     autocast_dtype: e.g. torch.bfloat16 to run the training steps under torch.autocast.
     resume_from: the `save_dir` of an interrupted run: continue from its last saved state. Pass
         the same configs and the same `data` from its beginning (the batches already trained
@@ -331,6 +333,8 @@ def trainSAE(
     if resume_from is not None:
         steps_done, saved_scales = Checkpointer(resume_from / STATE_FILE).load(trainers)
         scales = _scales(saved_scales)
+    elif normalize_activations:
+        scales = _known_scales(data, trainers)
     run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, use_wandb, wandb_project)
     try:
         run.start(resume_from, steps_done, scales)
@@ -359,6 +363,22 @@ def _scales(saved: Any) -> dict[str, float]:
     if saved is None:
         return {}
     return dict(saved) if isinstance(saved, Mapping) else {"": float(saved)}
+
+
+def _known_scales(data: Any, trainers: Sequence[SAETrainer]) -> dict[str, float]:
+    """The activation scale s = 1/√E‖x‖² of every stream the trainers read, when the data knows
+    E‖x‖² in advance (a `mean_squared_norm(site)` method, e.g. CachedActivations' whole-cache
+    statistic); {} otherwise, and s then comes from each stream's first batch."""
+    known = getattr(data, "mean_squared_norm", None)
+    if not callable(known):
+        return {}
+    sites = getattr(data, "sites", None)
+    scales = {}
+    for key in dict.fromkeys(_stream_key(trainer) for trainer in trainers):
+        if not key and isinstance(sites, Mapping) and len(sites) != 1:
+            continue  # a trainer without a site on several sites: _stream names the problem
+        scales[key] = 1.0 / max(float(known(key or None)), 1e-24) ** 0.5
+    return scales
 
 
 def _train(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
