@@ -38,13 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .buffer import ActivationBuffer
 from .files import atomic_write, atomic_write_json
-from .shards import (FORMAT, LOCK, MANIFEST, Column, ShardFile, ShardWriter, encode_part, file_sha256,
-                     read_manifest, shard_index, shard_name)
+from .shards import (FORMAT, LOCK, MANIFEST, Column, ShardFile, ShardWriter, as_tensor, encode_part, file_sha256,
+                     read_manifest, shard_index, shard_name, tensor_bytes)
 from .sites import layer_of
 
 __all__ = ["cache_activations", "CachedActivations"]
@@ -72,7 +73,7 @@ def cache_activations(
     shard_tokens: int = 2**18,
     frame_rows: int = 4096,
     compression_level: int = 1,
-    byte_shuffle: bool = True,
+    byte_shuffle: bool = False,
     resume: bool = False,
     remove_bos: bool = False,
     tokenizer: Any = None,
@@ -96,7 +97,8 @@ def cache_activations(
         dtype: storage dtype of the activations (float32, float16 or bfloat16).
         shard_tokens: rows per shard file; frame_rows: rows per independently readable frame.
         compression_level: zstd level (1 is fast; negative levels are faster and compress less).
-        byte_shuffle: store each column's bytes plane by plane (smaller for float activations).
+        byte_shuffle: store each column's bytes plane by plane: smaller for float activations
+            (bf16 ~0.65 of raw instead of ~0.8), slower to read back.
         resume: continue (or extend, with a larger n_tokens) the cache at `path`. The cache must have
             been written with the same model, sites and settings (checked; differences are named).
         data_source: a description of `data` recorded in the manifest (default: its type or
@@ -436,9 +438,15 @@ class _FramePipeline:
         self._raise_error()
 
     def _encode(self, pieces: list[list[torch.Tensor]]) -> tuple[list[bytes], list[tuple[torch.Tensor, float]]]:
-        columns = [torch.cat(blocks) if len(blocks) > 1 else blocks[0] for blocks in zip(*pieces)]
-        parts = [encode_part(column, self.level, self.byte_shuffle) for column in columns]
-        return parts, [_sums(columns[i]) for i in self.statistics_columns]
+        """The frame's parts and statistics, with NumPy and zstd only (no torch thread pool: this
+        runs beside the forward pass)."""
+        columns = []
+        for column, blocks in zip(self.folder.columns, zip(*pieces)):
+            data = [tensor_bytes(block) for block in blocks]
+            columns.append((column, np.concatenate(data) if len(data) > 1 else data[0]))
+        parts = [encode_part(rows, self.level, self.byte_shuffle, column.torch_dtype.itemsize)
+                 for column, rows in columns]
+        return parts, [_sums(*columns[i]) for i in self.statistics_columns]
 
     def _frames(self, item) -> Iterator[tuple[int, list[bytes], list, list[int] | None]]:
         while True:
@@ -487,15 +495,23 @@ class _FramePipeline:
         self.pool.shutdown(cancel_futures=True)
 
 
-def _sums(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Σ_rows x [width] and Σ_rows ‖x‖², in float64."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    squares = torch.zeros((), dtype=torch.float64)
-    for start in range(0, len(x), _STATISTICS_CHUNK):
-        block = x[start : start + _STATISTICS_CHUNK].double()
+def _sums(column: Column, rows: np.ndarray) -> tuple[torch.Tensor, float]:
+    """Σ_rows x [width] and Σ_rows ‖x‖², in float64, of a column given as row bytes."""
+    total = np.zeros(column.width, dtype=np.float64)
+    squares = 0.0
+    for start in range(0, len(rows), _STATISTICS_CHUNK):
+        block = _as_float64(rows[start : start + _STATISTICS_CHUNK], column.dtype)
         total += block.sum(0)
-        squares += block.pow(2).sum()
-    return total, float(squares)
+        squares += float(np.einsum("ij,ij->", block, block))
+    return torch.from_numpy(total), squares
+
+
+def _as_float64(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """Row bytes of float32, float16 or bfloat16 values as float64 [n, width] (bfloat16 is the top
+    half of a float32)."""
+    if dtype == "bfloat16":
+        return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return rows.view(np.float16 if dtype == "float16" else np.float32).astype(np.float64)
 
 
 # ============================================================================================
@@ -559,7 +575,7 @@ class CachedActivations:
         self._all_columns = [Column.from_json(entry) for entry in self.manifest["columns"]]
         self.sites, self.single_site = self._select_sites(site)
         self._parts = [i for name in self.sites for i, column in enumerate(self._all_columns) if column.site == name]
-        self._widths = [self._all_columns[i].width for i in self._parts]
+        self._columns = [self._all_columns[i] for i in self._parts]
         self._shards = [ShardFile(self.path / entry["file"], entry["bytes"]) for entry in self.manifest["shards"]]
         for shard, entry in zip(self._shards, self.manifest["shards"]):
             if shard.rows != entry["rows"]:
@@ -658,8 +674,9 @@ class CachedActivations:
         byte_shuffle = self.manifest["compression"]["byte_shuffle"]
         parts = [0, 1, *self._parts]
         frames = [shard.decode(f, parts, self._all_columns, byte_shuffle) for f in range(len(shard.frames))]
-        columns = [torch.cat(blocks) for blocks in zip(*frames)]
-        return {"token_ids": columns[0][:, 0], "positions": columns[1][:, 0], **self._batch(columns[2:], convert=False)}
+        ids, positions, *reads = [as_tensor(np.concatenate(blocks), self._all_columns[i])
+                                  for i, blocks in zip(parts, zip(*frames))]
+        return {"token_ids": ids[:, 0], "positions": positions[:, 0], **self._batch(reads, convert=False)}
 
     # ------------------------------------------------------------------ iteration
 
@@ -702,32 +719,39 @@ class CachedActivations:
                 yield from self._shuffled(rows)
             else:
                 while blocks := rows.take(self.batch_size):
-                    yield self._batch([torch.cat(column) if len(column) > 1 else column[0] for column in zip(*blocks)])
+                    columns = [np.concatenate(column) if len(column) > 1 else column[0] for column in zip(*blocks)]
+                    yield self._batch([as_tensor(rows, column) for rows, column in zip(columns, self._columns)])
         finally:
             prefetcher.close()
 
     def _shuffled(self, rows: "_RowStream") -> Iterator[Any]:
-        """The ActivationBuffer's serving scheme over a window of rows (see the module docstring)."""
+        """The ActivationBuffer's serving scheme over a window of rows: one random order over the
+        held rows; once fewer than half are unread, a new order over the unread and the new rows.
+        Here the slots of each served batch take new rows at once, so decoding overlaps serving."""
         stream_rows = self.rows * self.epochs if self.epochs is not None else self.shuffle_window
         size = min(self.shuffle_window, stream_rows)
-        window = [torch.empty(size, width, dtype=self._all_columns[i].torch_dtype)
-                  for i, width in zip(self._parts, self._widths)]
+        window = [_RowBlock(size, column) for column in self._columns]
         self._window_rows = size
-        order = torch.empty(0, dtype=torch.long)
-        served, free, exhausted = 0, torch.arange(size), False
+        # slot bookkeeping in NumPy (no torch thread pool on the data path); the random orders
+        # come from the reader's torch generator
+        filled = rows.fill(window, np.arange(size))
+        exhausted = filled < size
+        order, served, fresh = np.empty(0, dtype=np.int64), 0, [np.arange(filled)]
         while True:
-            if len(order) - served < size // 2 and not exhausted:
-                free = torch.cat([free, order[:served]])
-                filled = rows.fill(window, free)
-                exhausted = filled < len(free)
-                held = torch.cat([order[served:], free[:filled]])
-                free = free[filled:]
-                order, served = held[torch.randperm(len(held), generator=self._generator)], 0
+            if len(order) - served < size // 2 and any(len(f) for f in fresh):
+                held = np.concatenate([order[served:], *fresh])
+                order, served, fresh = held[torch.randperm(len(held), generator=self._generator).numpy()], 0, []
             if served == len(order):
                 return
             slots = order[served : served + self.batch_size]
             served += len(slots)
-            yield self._batch([column.index_select(0, slots) for column in window])
+            batch = self._batch([block.take(slots) for block in window])
+            if not exhausted:
+                slots = np.sort(slots)  # ascending slots make the copies faster; the order is drawn later
+                filled = rows.fill(window, slots)
+                fresh.append(slots[:filled])
+                exhausted = filled < len(slots)
+            yield batch
 
     def _batch(self, columns: list[torch.Tensor], convert: bool = True) -> Any:
         """Columns of the selected reads as a tensor, a pair, or a dict of them."""
@@ -740,8 +764,26 @@ class CachedActivations:
         return next(iter(batch.values())) if self.single_site and convert else batch
 
 
+class _RowBlock:
+    """Rows of one column held by the reader: `size` rows of row bytes, copied in and out by slot
+    (NumPy, on whole rows at once)."""
+
+    def __init__(self, size: int, column: Column):
+        self.column = column
+        self.row_bytes = column.width * column.torch_dtype.itemsize
+        self.rows = np.empty((size, self.row_bytes), dtype=np.uint8)
+        self._records = self.rows.view(np.dtype((np.void, self.row_bytes))).reshape(size)
+
+    def put(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        self._records[slots] = rows.view(self._records.dtype).reshape(len(rows))
+
+    def take(self, slots: np.ndarray) -> torch.Tensor:
+        rows = np.take(self._records, slots).view(np.uint8).reshape(len(slots), self.row_bytes)
+        return as_tensor(rows, self.column)
+
+
 class _FrameDecoder:
-    """decode(frame id) -> the selected columns of that frame (shards.ShardFile.decode)."""
+    """decode(frame id) -> the selected columns of that frame as row bytes (ShardFile.decode)."""
 
     def __init__(self, shards: list[ShardFile], frames: list[tuple[int, int, int]], parts: list[int],
                  columns: list[Column], byte_shuffle: bool):
@@ -751,7 +793,7 @@ class _FrameDecoder:
     def rows(self, frame_id: int) -> int:
         return self.frames[frame_id][2]
 
-    def __call__(self, frame_id: int) -> list[torch.Tensor]:
+    def __call__(self, frame_id: int) -> list[np.ndarray]:
         shard, frame, _ = self.frames[frame_id]
         return self.shards[shard].decode(frame, self.parts, self.columns, self.byte_shuffle)
 
@@ -785,7 +827,7 @@ class _FramePrefetcher:
         for _ in range(epochs) if epochs is not None else itertools.count():
             yield from (torch.randperm(n_frames, generator=generator) if shuffle else torch.arange(n_frames)).tolist()
 
-    def _decode(self, frame_id: int) -> list[torch.Tensor]:
+    def _decode(self, frame_id: int) -> list[np.ndarray]:
         columns = self.decode(frame_id)
         with self.lock:
             self.rows_held += self.decode.rows(frame_id)
@@ -825,7 +867,7 @@ class _FramePrefetcher:
                 continue
         return False
 
-    def get(self) -> list[torch.Tensor] | None:
+    def get(self) -> list[np.ndarray] | None:
         """The next decoded frame; None after the last one; a decoding error is raised here."""
         item = self.queue.get()
         if item is _END:
@@ -850,10 +892,10 @@ class _RowStream:
 
     def __init__(self, frames: _FramePrefetcher):
         self.frames = frames
-        self.current: list[torch.Tensor] | None = None
+        self.current: list[np.ndarray] | None = None
         self.used = 0
 
-    def _frame(self) -> list[torch.Tensor] | None:
+    def _frame(self) -> list[np.ndarray] | None:
         if self.current is not None and self.used == len(self.current[0]):
             self.frames.release(len(self.current[0]))
             self.current = None
@@ -861,8 +903,8 @@ class _RowStream:
             self.current, self.used = self.frames.get(), 0
         return self.current
 
-    def take(self, n: int) -> list[list[torch.Tensor]]:
-        """Up to `n` rows as blocks (one list of column tensors per frame they come from)."""
+    def take(self, n: int) -> list[list[np.ndarray]]:
+        """Up to `n` rows as blocks (one list of column row bytes per frame they come from)."""
         blocks, taken = [], 0
         while taken < n and (frame := self._frame()) is not None:
             k = min(n - taken, len(frame[0]) - self.used)
@@ -871,12 +913,12 @@ class _RowStream:
             taken += k
         return blocks
 
-    def fill(self, window: list[torch.Tensor], slots: torch.Tensor) -> int:
+    def fill(self, window: list[_RowBlock], slots: np.ndarray) -> int:
         """Copy the next rows into `slots` of the window's columns; the number copied."""
         filled = 0
         for block in self.take(len(slots)):
             k = len(block[0])
             for column, rows in zip(window, block):
-                column.index_copy_(0, slots[filled : filled + k], rows)
+                column.put(slots[filled : filled + k], rows)
             filled += k
         return filled

@@ -21,9 +21,9 @@ of each site ([rows, width] in the cache dtype). Layout, every integer little-en
                         "frames": [{"rows", "parts": [[offset, length], ...]}], "statistics"}
     uint64 footer length, b"DLSHEND1"
 
-With byte shuffling, a column's bytes are stored plane by plane (every value's first byte, then
-every second byte, ...): the sign and exponent bytes of activations are alike and compress well
-once they are side by side.
+With byte shuffling (optional), a column's bytes are stored plane by plane (every value's first
+byte, then every second byte, ...): the sign and exponent bytes of activations are alike and
+compress well once they are side by side.
 """
 from __future__ import annotations
 
@@ -37,12 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
+import numpy as np
 import torch
 
 from .files import read_json_object
 
 __all__ = ["Column", "ShardFile", "MANIFEST", "LOCK", "FORMAT", "DTYPES", "shard_name", "shard_index",
-           "byte_planes", "from_byte_planes", "encode_part", "read_manifest", "file_sha256", "ShardWriter"]
+           "byte_planes", "from_byte_planes", "tensor_bytes", "as_tensor", "encode_part", "decode_part",
+           "read_manifest", "file_sha256", "ShardWriter"]
 
 MANIFEST = "manifest.json"
 LOCK = "writer.lock"
@@ -51,7 +53,7 @@ MAGIC, END_MAGIC = b"DLSHARD1", b"DLSHEND1"
 _TRAILER = struct.Struct("<Q8s")
 _SHARD_NAME = re.compile(r"shard-(\d{6,})\.dlshard")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int32": torch.int32}
-_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def shard_name(index: int) -> str:
@@ -92,25 +94,33 @@ class Column:
 # --------------------------------------------------------------------------------------------
 
 
-def byte_planes(values: torch.Tensor) -> torch.Tensor:
-    """The bytes of `values` (contiguous) plane by plane, [itemsize, numel] uint8: plane k holds
-    byte k (little-endian) of every value."""
-    size = values.element_size()
-    words = values.reshape(-1).view(_WORDS[size])
-    planes = torch.empty(size, words.numel(), dtype=torch.uint8)
-    for k in range(size):
-        planes[k].copy_(words if k == 0 else words >> (8 * k))  # the cast keeps the low byte
-    return planes
+def byte_planes(raw: np.ndarray) -> np.ndarray:
+    """Bytes [n, itemsize] (one row per value) as planes [itemsize, n]: plane k holds byte k of
+    every value."""
+    return np.ascontiguousarray(raw.T)
 
 
-def from_byte_planes(planes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of `byte_planes`: values of `dtype`, flat, from planes [itemsize, numel]."""
-    size = planes.shape[0]
-    words = torch.empty(planes.shape[1], dtype=_WORDS[size])
-    words.copy_(planes[size - 1])
+def from_byte_planes(planes: np.ndarray) -> np.ndarray:
+    """The inverse of `byte_planes`: planes [itemsize, n] back to bytes [n, itemsize]."""
+    size, n = planes.shape
+    if size not in _WORDS:
+        return np.ascontiguousarray(planes.T)
+    words = np.empty(n, dtype=_WORDS[size])  # little-endian: byte k is bits 8k..8k+7
+    np.left_shift(planes[size - 1], 8 * (size - 1), out=words, dtype=words.dtype)
     for k in range(size - 2, -1, -1):
-        words.bitwise_left_shift_(8).bitwise_or_(planes[k])
-    return words.view(dtype)
+        np.bitwise_or(words, np.left_shift(planes[k], 8 * k, dtype=words.dtype) if k else planes[k], out=words)
+    return words.view(np.uint8).reshape(n, size)
+
+
+def tensor_bytes(values: torch.Tensor) -> np.ndarray:
+    """The bytes of a tensor [n, ...], as row bytes [n, row size] uint8 (a view when `values` is
+    contiguous)."""
+    return values.contiguous().view(torch.uint8).numpy().reshape(len(values), -1)
+
+
+def as_tensor(rows: np.ndarray, column: Column) -> torch.Tensor:
+    """Row bytes [n, width × itemsize] uint8 as the column's tensor [n, width] (no copy)."""
+    return torch.from_numpy(rows).view(column.torch_dtype)
 
 
 _local = threading.local()
@@ -128,23 +138,23 @@ def _compressor(level: int):
     return cached[level]
 
 
-def encode_part(values: torch.Tensor, level: int, shuffle: bool) -> bytes:
-    """One column of one frame as stored: its bytes (byte-shuffled if asked), zstd-compressed."""
-    values = values.contiguous()
-    data = byte_planes(values) if shuffle and values.element_size() > 1 else values.reshape(-1).view(torch.uint8)
-    return _compressor(level).compress(data.numpy())
+def encode_part(rows: np.ndarray, level: int, shuffle: bool, itemsize: int) -> bytes:
+    """One column of one frame as stored: its row bytes (`tensor_bytes`), byte-shuffled if asked,
+    zstd-compressed. NumPy and zstd only: no torch thread pool (this runs beside the forward pass)."""
+    raw = rows.reshape(-1, itemsize)
+    return _compressor(level).compress(byte_planes(raw) if shuffle and itemsize > 1 else raw)
 
 
-def decode_part(data: bytes, column: Column, rows: int, shuffle: bool) -> torch.Tensor:
-    """A stored part back as a tensor [rows, width] (raises zstandard.ZstdError when it is damaged)."""
+def decode_part(data: bytes, column: Column, rows: int, shuffle: bool) -> np.ndarray:
+    """A stored part back as row bytes [rows, width × itemsize] uint8 (`as_tensor` makes it the
+    column's tensor); raises zstandard.ZstdError when it is damaged."""
     import zstandard
 
-    dtype = column.torch_dtype
-    size = dtype.itemsize
-    raw = torch.empty(rows * column.width * size, dtype=torch.uint8)
-    if raw.numel():
+    size = column.torch_dtype.itemsize
+    raw = np.empty(rows * column.width * size, dtype=np.uint8)
+    if raw.size:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
-        view, filled = memoryview(raw.numpy()), 0
+        view, filled = memoryview(raw), 0
         while filled < len(view):
             n = reader.readinto(view[filled:])
             if n == 0:
@@ -153,10 +163,8 @@ def decode_part(data: bytes, column: Column, rows: int, shuffle: bool) -> torch.
         if reader.read(1):
             raise zstandard.ZstdError(f"the part holds more than the {len(view)} bytes expected")
     if shuffle and size > 1:
-        values = from_byte_planes(raw.view(size, -1), dtype)
-    else:
-        values = raw.view(dtype)
-    return values.view(rows, column.width)
+        raw = from_byte_planes(raw.reshape(size, -1))
+    return raw.reshape(rows, column.width * size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,9 +240,10 @@ class ShardFile:
             raise ValueError(f"{damaged} (its footer does not parse: {error}); it is damaged") from None
         return footer
 
-    def decode(self, frame: int, parts: Sequence[int], columns: Sequence[Column], shuffle: bool) -> list[torch.Tensor]:
-        """The columns `parts` (indices into the shard's columns) of one frame, [rows, width] each;
-        a damaged part raises ValueError naming the file. Thread-safe."""
+    def decode(self, frame: int, parts: Sequence[int], columns: Sequence[Column], shuffle: bool) -> list[np.ndarray]:
+        """The columns `parts` (indices into the shard's columns) of one frame, as row bytes
+        [rows, width × itemsize] each (`as_tensor`); a damaged part raises ValueError naming the
+        file. Thread-safe."""
         import zstandard
 
         rows = self.frames[frame]["rows"]

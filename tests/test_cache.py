@@ -8,12 +8,13 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dictionary_learning import ActivationBuffer, CachedActivations, cache_activations, trainSAE
 from dictionary_learning import shards as shard_format
-from dictionary_learning.shards import byte_planes, from_byte_planes
+from dictionary_learning.shards import byte_planes, from_byte_planes, tensor_bytes
 
 from lm_fixtures import documents, reference_activations, tiny_gpt_neox, tiny_tokenizer, wrap
 
@@ -72,11 +73,15 @@ def same_multiset(a, b):
 def test_byte_planes_round_trip_every_bit():
     values = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1e3
     values[:4] = torch.tensor([float("inf"), -0.0, float("nan"), -1e-38])
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int32):
-        x = values.to(dtype) if dtype.is_floating_point else torch.arange(-500, 500, dtype=torch.int32) * 7919
-        planes = byte_planes(x)
-        assert torch.equal(planes, x.view(torch.uint8).view(-1, x.element_size()).t())
-        assert torch.equal(from_byte_planes(planes, dtype).view(torch.uint8), x.view(torch.uint8))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.float64):
+        x = values.to(dtype) if dtype != torch.int32 else torch.arange(-500, 500, dtype=torch.int32) * 7919
+        raw = tensor_bytes(x[:, None])
+        expected = ((x.float().numpy().view(np.uint32) >> 16).astype(np.uint16) if dtype == torch.bfloat16
+                    else x.numpy())  # a bfloat16 is the top half of its float32
+        assert raw.shape == (1000, x.element_size()) and raw.tobytes() == expected.tobytes()
+        planes = byte_planes(raw)
+        assert [plane.tobytes() for plane in planes] == [raw[:, k].tobytes() for k in range(x.element_size())]
+        assert from_byte_planes(planes).tobytes() == raw.tobytes()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -110,6 +115,10 @@ def test_round_trip_is_exact(lm, hf, tmp_path, dtype):
     assert torch.equal(torch.cat([s["positions"] for s in shards]),
                        torch.cat([torch.arange(len(i), dtype=torch.int32) for i in ids]))
     assert torch.equal(torch.cat([s[MLP0] for s in shards]), stored[MLP0])
+    statistics = CachedActivations(tmp_path, site=LAYER1).statistics()["out"]
+    exact = stored[LAYER1].double()
+    assert statistics["mean_squared_norm"] == pytest.approx(float(exact.pow(2).sum(1).mean()), rel=1e-12)
+    torch.testing.assert_close(statistics["mean"], exact.mean(0).float())
     shuffled = CachedActivations(tmp_path, site=LAYER1, batch_size=50, shuffle_window=200, seed=0)
     assert same_multiset(torch.cat(list(shuffled)).float(), stored[LAYER1].float())
 
