@@ -6,7 +6,8 @@ language-model metrics are first used.
 """
 from .buffer import ActivationBuffer
 from .bundled import load_bundled_model, stdlib_text_stream
-from .cache import CachedActivations, cache_activations
+from .cache import cache_activations
+from .cache_reader import CachedActivations
 from .dictionary import (
     AutoEncoder,
     AutoEncoderTopK,

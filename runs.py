@@ -113,24 +113,32 @@ def _keep_log_lines(source: Path, target: Path, steps_done: int) -> None:
 
 
 class Checkpointer:
-    """The exact state of every trainer of a run, in one file replaced atomically."""
+    """The exact state of every trainer of a run, in one file replaced atomically, with what
+    identifies the run's data source (`data_source`: e.g. a CachedActivations' fingerprint, an
+    ActivationBuffer's config; None when the source cannot say)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.data_source: Any = None
 
-    def save(self, trainers: Sequence[SAETrainer], steps_done: int, activation_scale: float | None) -> None:
+    def save(self, trainers: Sequence[SAETrainer], steps_done: int, activation_scale: float | None,
+             data_source: Any = None) -> None:
         atomic_torch_save({
             "format": STATE_FORMAT,
             "steps_done": steps_done,
             "activation_scale": activation_scale,
             "configs": [trainer.config for trainer in trainers],
             "trainers": [trainer.state_dict() for trainer in trainers],
+            "data_source": json.dumps(data_source, sort_keys=True) if data_source is not None else None,
         }, self.path)
 
     def load(self, trainers: Sequence[SAETrainer]) -> tuple[int, float | None]:
-        """Restore every trainer; returns (steps done, activation scale). The trainers must have
-        been built from the configs of the saved run (checked, naming what differs)."""
+        """Restore every trainer; returns (steps done, activation scale) and keeps the saved data
+        source in `data_source`. The trainers must have been built from the configs of the saved
+        run (checked, naming what differs)."""
         state = self._read()
+        saved_source = state.get("data_source")
+        self.data_source = json.loads(saved_source) if isinstance(saved_source, str) else None
         if len(state["trainers"]) != len(trainers):
             raise ValueError(
                 f"resume_from: {str(self.path.parent)!r} holds {len(state['trainers'])} trainers but "

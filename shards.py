@@ -44,7 +44,7 @@ from .files import read_json_object
 
 __all__ = ["Column", "ShardFile", "MANIFEST", "LOCK", "FORMAT", "DTYPES", "shard_name", "shard_index",
            "byte_planes", "from_byte_planes", "tensor_bytes", "as_tensor", "encode_part", "decode_part",
-           "read_manifest", "file_sha256", "ShardWriter"]
+           "read_manifest", "file_sha256", "ShardWriter", "positive_int"]
 
 MANIFEST = "manifest.json"
 LOCK = "writer.lock"
@@ -54,6 +54,15 @@ _TRAILER = struct.Struct("<Q8s")
 _SHARD_NAME = re.compile(r"shard-(\d{6,})\.dlshard")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int32": torch.int32}
 _WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def positive_int(name: str, value: Any) -> int:
+    """`value` as a positive int (an integral float such as 1e6 too); else a ValueError naming `name`."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
 
 
 def shard_name(index: int) -> str:

@@ -226,8 +226,40 @@ def _record_provenance(trainer: SAETrainer, buffer_config: Any) -> None:
             setattr(trainer.cfg, name, value)
 
 
+def _data_source(data: Any) -> dict[str, Any] | None:
+    """What identifies the data stream, saved with a run's state and compared when resuming: the
+    source's `fingerprint` (CachedActivations), else its config without the device (an
+    ActivationBuffer: model, sites, seed, ...), else None (a list, a generator: not checked)."""
+    fingerprint = getattr(data, "fingerprint", None)
+    if isinstance(fingerprint, Mapping):
+        return json.loads(json.dumps(fingerprint, default=json_default))
+    config = getattr(data, "config", None)
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps({k: v for k, v in config.items() if k != "device"}, default=json_default))
+    return None
+
+
+def _check_same_data_source(saved: Any, current: Any, resume_from: Path) -> None:
+    """A run resumes on the data source it was interrupted on (when the saved state names one)."""
+    if saved is None or saved == current:
+        return
+    if current is None or not isinstance(saved, Mapping) or not isinstance(current, Mapping):
+        raise ValueError(f"resume_from: the run in {str(resume_from)!r} was trained on {saved!r}, but the data now is "
+                         "another kind of source; pass the same data source")
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing)
+    raise ValueError(f"resume_from: the data source differs from the interrupted run's ({details}); pass the same "
+                     "data source (for an ActivationBuffer, the same seed; for a CachedActivations, the same cache "
+                     "and reader settings)")
+
+
 def _batches_after(data: Iterable[torch.Tensor], steps_done: int) -> Iterator[torch.Tensor]:
-    """`data`'s batches after the first `steps_done` (read and skipped: a resumed run's)."""
+    """`data`'s batches after the first `steps_done` (a resumed run's): skipped by the source itself
+    when it can (`data.skip(n)`, e.g. CachedActivations: nothing decoded), else read and skipped."""
+    skip = getattr(data, "skip", None)
+    if steps_done and callable(skip):
+        skip(steps_done)
+        return iter(data)
     batches = iter(data)
     for skipped in range(steps_done):
         try:
@@ -294,7 +326,10 @@ def trainSAE(
     autocast_dtype: e.g. torch.bfloat16 to run the training steps under torch.autocast.
     resume_from: the `save_dir` of an interrupted run: continue from its last saved state. Pass
         the same configs and the same `data` from its beginning (the batches already trained
-        on are read and skipped), and the run ends exactly as an uninterrupted one would.
+        on are skipped: by the source itself when it has `skip(n)`, as CachedActivations does
+        without decoding them, else read), and the run ends exactly as an uninterrupted one
+        would. A data source that says what it is (an ActivationBuffer's config, a
+        CachedActivations' fingerprint) is compared with the interrupted run's.
     seed: the seed of every trainer whose config sets none (a sweep's trainers then start from the
         same random draws); None: each trainer draws a random seed, recorded in its config.json.
     """
@@ -330,12 +365,15 @@ def trainSAE(
     for trainer, buffer_config in zip(trainers, buffer_configs):
         _record_provenance(trainer, buffer_config)
     steps_done, scales = 0, {}
+    data_source = _data_source(data)
     if resume_from is not None:
-        steps_done, saved_scales = Checkpointer(resume_from / STATE_FILE).load(trainers)
+        checkpointer = Checkpointer(resume_from / STATE_FILE)
+        steps_done, saved_scales = checkpointer.load(trainers)
+        _check_same_data_source(checkpointer.data_source, data_source, resume_from)
         scales = _scales(saved_scales)
     elif normalize_activations:
         scales = _known_scales(data, trainers)
-    run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, use_wandb, wandb_project)
+    run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, use_wandb, wandb_project, data_source)
     try:
         run.start(resume_from, steps_done, scales)
         steps_done = _train(trainers, _batches_after(data, steps_done), run, steps_done, scales, settings,
@@ -436,8 +474,9 @@ class _Run:
     with use_wandb, a wandb run."""
 
     def __init__(self, trainers, settings: RunSettings, buffer_configs: list, save_dir, seed_form: bool,
-                 use_wandb: bool, wandb_project: str):
+                 use_wandb: bool, wandb_project: str, data_source: Any = None):
         self.trainers, self.settings, self.buffer_configs = trainers, settings, buffer_configs
+        self.data_source = data_source
         self.folder = RunFolder(save_dir, len(trainers), single=seed_form) if save_dir is not None else None
         self.checkpointer = Checkpointer(Path(save_dir) / STATE_FILE) if save_dir is not None else None
         self.scales: dict[str, float] = {}
@@ -482,7 +521,7 @@ class _Run:
         self.scales = scales
         self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
                          steps_done=step)
-        self.checkpointer.save(self.trainers, step, dict(scales))
+        self.checkpointer.save(self.trainers, step, dict(scales), self.data_source)
 
     def finish(self, steps_done: int, scales: dict[str, float]) -> None:
         """The final weights (ae.pt); with save_steps, also the state at the end, so the run can be extended."""
@@ -490,7 +529,7 @@ class _Run:
         if self.folder is None:
             return
         if self.settings.save_steps and steps_done not in self.settings.save_steps:
-            self.checkpointer.save(self.trainers, steps_done, dict(scales))
+            self.checkpointer.save(self.trainers, steps_done, dict(scales), self.data_source)
         self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
                          steps_done=None)
 

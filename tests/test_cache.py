@@ -3,7 +3,6 @@ bounded memory, several sites, and training from a cache."""
 import errno
 import json
 import multiprocessing
-import os
 import random
 import time
 from pathlib import Path
@@ -380,3 +379,93 @@ def test_two_recipes_train_from_a_cache(lm, tmp_path):
     stored = in_order(tmp_path / "cache", site=MLP0).float()
     fvu = (stored - topk(stored)).pow(2).sum() / (stored - stored.mean(0)).pow(2).sum()
     assert fvu < 0.5  # it learned the activations (raw scale: the scale is folded into the weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Skipping: resume without decoding what was read
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_skip_starts_exactly_where_reading_would_have(lm, tmp_path, monkeypatch, shuffle):
+    write(lm, tmp_path, 1000, dtype=torch.float32)
+    kwargs = {"batch_size": 48, "shuffle_window": 192, "seed": 5, "epochs": 3, "shuffle": shuffle}
+    everything = list(CachedActivations(tmp_path, **kwargs))
+    decoded = []
+    decode = shard_format.ShardFile.decode
+
+    def counting_decode(self, frame, parts, columns, byte_shuffle):
+        decoded.append(frame)
+        return decode(self, frame, parts, columns, byte_shuffle)
+
+    monkeypatch.setattr(shard_format.ShardFile, "decode", counting_decode)
+    for n in (1, 7, 30, len(everything) - 1):
+        decoded.clear()
+        reader = CachedActivations(tmp_path, **kwargs)
+        reader.skip(n)
+        first = next(reader)
+        skip_decodes = len(decoded)
+        rest = [first, *reader]
+        assert len(rest) == len(everything) - n
+        assert all(torch.equal(a[MLP0], b[MLP0]) and torch.equal(a[LAYER1], b[LAYER1])
+                   for a, b in zip(rest, everything[n:]))
+        if n == 30:  # 30 batches of 48 rows = 23 frames of 64 rows read; skipping decodes only what the window holds
+            assert skip_decodes < 20, skip_decodes
+    reader = CachedActivations(tmp_path, **kwargs)
+    reader.skip(len(everything) + 1)
+    with pytest.raises(ValueError, match=f"serves only {len(everything)} batches"):
+        next(reader)
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        reader.skip(1)
+
+
+def test_a_run_on_a_cache_resumes_without_rereading_and_checks_the_source(lm, tmp_path):
+    write(lm, tmp_path / "cache", 1200)
+    config = [{"trainer": "TopKTrainer", "site": LAYER1, "activation_dim": 32, "dict_size": 64, "k": 4,
+               "warmup_steps": 2, "threshold_start_step": 2, "seed": 0}]
+
+    def reader(seed=0):
+        return CachedActivations(tmp_path / "cache", batch_size=64, shuffle_window=256, seed=seed, epochs=None)
+
+    def train(save_dir, steps, data=None, **kwargs):
+        return trainSAE(reader() if data is None else data, trainer_configs=config, steps=steps, save_dir=save_dir,
+                        save_steps=[12], progress=False, **kwargs)[0]
+
+    class Interrupted(CachedActivations):
+        served = 0
+
+        def __next__(self):
+            self.served += 1
+            if self.served > 13:
+                raise KeyboardInterrupt
+            return super().__next__()
+
+    whole = train(tmp_path / "whole", 30)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", 30, data=Interrupted(tmp_path / "cache", batch_size=64, shuffle_window=256, seed=0,
+                                                    epochs=None))
+    skipped = []
+    data = reader()
+    data.skip = lambda n, skip=data.skip: (skipped.append(n), skip(n))
+    resumed = train(tmp_path / "cut", 30, data=data, resume_from=tmp_path / "cut")
+    assert skipped == [12]
+    assert all(torch.equal(value, resumed.state_dict()[key]) for key, value in whole.state_dict().items())
+    with pytest.raises(ValueError, match=r"data source differs .*seed: saved 0, now 1"):
+        train(tmp_path / "cut", 30, data=reader(seed=1), resume_from=tmp_path / "cut")
+    buffer = ActivationBuffer(iter(documents(200)), lm, submodules=SITES, n_ctxs=16, ctx_len=24, refresh_batch_size=8,
+                              out_batch_size=64, seed=0)
+    with pytest.raises(ValueError, match=r"data source differs .*source: saved 'CachedActivations', now None"):
+        train(tmp_path / "cut", 30, data=buffer, resume_from=tmp_path / "cut")
+
+
+def test_resuming_on_a_buffer_with_another_seed_is_an_error(lm, tmp_path):
+    def buffer(seed):
+        return ActivationBuffer(iter(documents(100)), lm, MLP0, n_ctxs=16, ctx_len=24, refresh_batch_size=8,
+                                out_batch_size=32, seed=seed)
+
+    config = [{"trainer": "StandardTrainer", "activation_dim": 32, "dict_size": 64, "lr": 1e-3,
+               "sparsity_penalty": 1e-3, "warmup_steps": 2, "seed": 0}]
+    trainSAE(buffer(0), trainer_configs=config, steps=4, save_steps=[4], save_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"seed: saved 0, now 1\); pass the same data source .*the same seed"):
+        trainSAE(buffer(1), trainer_configs=config, steps=8, resume_from=tmp_path, progress=False)
+    trainSAE(buffer(0), trainer_configs=config, steps=8, resume_from=tmp_path, progress=False)
