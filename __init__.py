@@ -6,6 +6,8 @@ language-model metrics are first used.
 """
 from .buffer import ActivationBuffer
 from .bundled import load_bundled_model, stdlib_text_stream
+from .cache import cache_activations
+from .cache_reader import CachedActivations
 from .dictionary import (
     AbsTopKSAE,
     AutoEncoder,
@@ -45,6 +47,7 @@ __all__ = [
     "AutoEncoderNew",
     "AutoEncoderTopK",
     "BatchTopKSAE",
+    "CachedActivations",
     "ConstrainedAdam",
     "Dictionary",
     "GatedAutoEncoder",
@@ -57,6 +60,7 @@ __all__ = [
     "SyntheticActivations",
     "TopKTranscoder",
     "Transcoder",
+    "cache_activations",
     "dictionary_directions",
     "evaluate",
     "evaluate_sweep",

@@ -289,6 +289,13 @@ class ActivationBuffer:
     def _activations(self, encoding: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
         """Each read's activations at the real tokens of one tokenized batch, [n_tokens, d_i] each
         (None when the batch has no real token)."""
+        collected = self.token_activations(encoding)
+        return None if collected is None else collected[0]
+
+    def token_activations(self, encoding: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """(reads, keep) for one tokenized batch: each read's activations at the real tokens,
+        [n_tokens, d_i] each on `device` in `dtype`, in the row-major order of the [B, T] batch, and
+        `keep` [B, T], the mask of those tokens. None when the batch has no real token."""
         keep = token_mask(encoding["input_ids"], encoding["attention_mask"],
                           self.tokenizer.bos_token_id if self.remove_bos else None)  # [B, T]
         if not keep.any():
@@ -296,7 +303,7 @@ class ActivationBuffer:
         reads = self.reader(encoding)  # one [B, T, d_i] per read
         positions = keep.reshape(-1).nonzero().squeeze(1).to(reads[0].device, non_blocking=True)  # [n_tokens]
         return [act.reshape(-1, act.shape[-1]).index_select(0, positions).to(device=self.device, dtype=self.dtype)
-                for act in reads]
+                for act in reads], keep
 
     # ------------------------------------------------------------------ saving
 

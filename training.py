@@ -299,37 +299,69 @@ def _fingerprint(batch: Any) -> str:
     return digest.hexdigest()
 
 
-def _data_record(data: Any, first_batch: Any) -> dict[str, Any]:
-    """What identifies the data stream of a run, saved with its state and checked on resume: the
-    source's own config (an ActivationBuffer's: model, sites, seed, ...) and the first batch's hash."""
-    return {"source": _buffer_config(data), "first_batch_sha256": _fingerprint(first_batch)}
+def _data_source(data: Any) -> dict[str, Any] | None:
+    """What the data stream says it is: its `fingerprint` (CachedActivations), else its config
+    without the device (an ActivationBuffer: model, sites, seed, ...), else None (a list, a generator)."""
+    fingerprint = getattr(data, "fingerprint", None)
+    if isinstance(fingerprint, Mapping):
+        return json.loads(json.dumps(fingerprint, default=json_default))
+    config = getattr(data, "config", None)
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps({k: v for k, v in config.items() if k != "device"}, default=json_default))
+    return None
+
+
+def _data_batches(data: Any, steps_done: int, saved: dict[str, Any] | None,
+                  replicas: Replicas = SINGLE_PROCESS) -> tuple[Iterator[Any], dict[str, Any]]:
+    """`data`'s batches after the first `steps_done` (a resumed run's), and the record that
+    identifies the stream (saved with the state, checked against `saved` on resume). A source that
+    can skip by itself (`skip(n)` with a `fingerprint`, e.g. CachedActivations) does, reading
+    nothing; any other is identified also by its first batch's hash, and read and skipped."""
+    source = _data_source(data)
+    if callable(getattr(data, "skip", None)) and isinstance(getattr(data, "fingerprint", None), Mapping):
+        record = {"source": source}
+        _check_same_data(saved, record, replicas)
+        if steps_done:
+            data.skip(steps_done)
+        return iter(data), record
+    batches = iter(data)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("activations yielded no batches: the data iterator is empty")
+    record = {"source": source, "first_batch_sha256": _fingerprint(first)}
+    _check_same_data(saved, record, replicas)
+    return _skipped(itertools.chain([first], batches), steps_done), record
 
 
 def _check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], replicas: Replicas = SINGLE_PROCESS) -> None:
-    """The data of a resumed run is the interrupted run's: the same source and first batch (of this
-    rank, in data-parallel training). Resumed on another number of ranks, only the source can be
-    checked: each rank's batches then differ from the interrupted run's (a warning says so)."""
-    if saved is None:  # a state written before data fingerprints
+    """A run resumes on the data it was interrupted on (when the saved state says what that was); in
+    data-parallel training, each rank on the data it had. Resumed on another number of ranks, only
+    the source is checked: each rank's batches then differ from the interrupted run's (a warning
+    says so)."""
+    if saved is None:  # a state written before data records
         return
     saved_ranks = saved.get("ranks") or [saved]
     if len(saved_ranks) == replicas.size:
         saved = saved_ranks[replicas.rank]
     else:
-        now = {**now, "first_batch_sha256": saved.get("first_batch_sha256")}
+        now = {**now, "first_batch_sha256": None}
         if replicas.rank == 0:
             warnings.warn(f"trainSAE: resuming on {replicas.size} rank(s) a run saved by {len(saved_ranks)}: each rank "
                           "skips the batches already trained and continues on its own data, so the global batches "
                           "differ from those of an uninterrupted run (the training state itself carries over)",
-                          stacklevel=3)
-    source, saved_source = now["source"], saved.get("source")
-    if isinstance(source, Mapping) and isinstance(saved_source, Mapping):
-        differing = sorted(k for k in set(source) | set(saved_source)
-                           if k != "device" and source.get(k) != saved_source.get(k))
-        if differing:
+                          stacklevel=4)
+    source, saved_source = now.get("source"), saved.get("source")
+    if source != saved_source:
+        if isinstance(source, Mapping) and isinstance(saved_source, Mapping):
+            differing = sorted(k for k in set(source) | set(saved_source) if source.get(k) != saved_source.get(k))
             details = ", ".join(f"{k}: saved {saved_source.get(k)!r}, now {source.get(k)!r}" for k in differing)
-            raise ValueError(f"resume_from: the data source differs from the interrupted run's ({details}); pass "
-                             "the same source (e.g. ActivationBuffer(..., seed=<the saved seed>)) to continue exactly")
-    if saved.get("first_batch_sha256") != now["first_batch_sha256"]:
+        else:
+            details = f"saved {saved_source!r}, now {source!r}"
+        raise ValueError(f"resume_from: the data source differs from the interrupted run's ({details}); pass the same "
+                         "data source (for an ActivationBuffer, the same seed; for a CachedActivations, the same "
+                         "cache and reader settings)")
+    hashes = saved.get("first_batch_sha256"), now.get("first_batch_sha256")
+    if None not in hashes and hashes[0] != hashes[1]:
         raise ValueError("resume_from: the data's first batch differs from the interrupted run's: other texts, "
                          "another order or another buffer seed. Pass the same data from its beginning (an "
                          "ActivationBuffer with seed=None draws a new order each time: pass seed=)")
@@ -337,6 +369,26 @@ def _check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], replicas
 
 NORMALIZATION_BATCHES = 8
 """normalize_activations estimates E‖x‖² from this many first batches (fewer if the run is shorter)."""
+
+
+def _known_scales(data: Any, trainers: Sequence[SAETrainer]) -> dict[str, float]:
+    """The activation scale s = 1/√E‖x‖² of every stream the trainers read, when the data knows
+    E‖x‖² in advance (a `mean_squared_norm(site)` method, e.g. CachedActivations' whole-cache
+    statistic); {} otherwise."""
+    known = getattr(data, "mean_squared_norm", None)
+    if not callable(known):
+        return {}
+    sites = getattr(data, "sites", None)
+    scales = {}
+    for key in dict.fromkeys(_stream_key(trainer) for trainer in trainers):
+        if not key and isinstance(sites, Mapping) and len(sites) != 1:
+            continue  # a trainer without a site on several sites: _stream names the problem
+        mean_square = float(known(key or None))
+        if not mean_square > 0:
+            raise ValueError(f"normalize_activations: the data's E‖x‖² of {'site ' + repr(key) if key else 'its stream'} "
+                             f"is {mean_square}, so it gives no scale; check the data")
+        scales[key] = mean_square ** -0.5
+    return scales
 
 
 def _squared_norms(batches: list[Any], trainers: Sequence[SAETrainer]) -> dict[str, tuple[float, int]]:
@@ -424,14 +476,16 @@ def trainSAE(
     log_steps: every this many steps (and after the first), losses go to the progress bar,
         each trainer's `log.jsonl` and, with `use_wandb`, to wandb (imported only then).
     device: where dict configs without a "device" (and the seed form) train.
-    normalize_activations: scale inputs by s so that E‖s·x‖² = 1 (s from the first
-        NORMALIZATION_BATCHES batches); the saved and returned dictionaries take raw activations
-        (normalization.py).
+    normalize_activations: scale inputs by s so that E‖s·x‖² = 1 (s from the data's
+        `mean_squared_norm(site)` when it has one, as a CachedActivations does from its manifest,
+        else from the first NORMALIZATION_BATCHES batches); the saved and returned dictionaries
+        take raw activations (normalization.py).
     autocast_dtype: e.g. torch.bfloat16 to run the training steps under torch.autocast.
     resume_from: the `save_dir` of an interrupted run: continue from its last saved state. Pass
         the same configs and the same `data` from its beginning (the batches already trained
-        on are read and skipped), and the run ends exactly as an uninterrupted one would. Another
-        data source (buffer config or first batch) is an error.
+        on are skipped: by the source itself when it has `skip(n)`, as CachedActivations does
+        without decoding them, else read), and the run ends exactly as an uninterrupted one
+        would. Another data source (its config or fingerprint, or its first batch) is an error.
     seed: the seed of every trainer whose config sets none (a sweep's trainers then start from the
         same random draws); None: each trainer draws a random seed, recorded in its config.json.
     overwrite: replace the files of an earlier run in `save_dir` (without it, and without
@@ -506,16 +560,14 @@ def trainSAE(
                     if steps is not None and steps < steps_done:
                         raise ValueError(f"resume_from: the run already trained {steps_done} steps, more than "
                                          f"steps={steps}; pass steps >= the steps done (or use its checkpoints/ae_N.pt)")
-                batches = iter(data)
-                first = next(batches, None)
-                if first is None:
-                    raise ValueError("activations yielded no batches: the data iterator is empty")
-                data_record = _data_record(data, first)
-                _check_same_data(saved_data, data_record, replicas)
-                batches = _skipped(itertools.chain([first], batches), steps_done)
+                batches, data_record = _data_batches(data, steps_done, saved_data, replicas)
+                if normalize_activations and not scales:
+                    scales = _known_scales(data, trainers)
                 normalizing = normalize_activations and not scales
                 if normalizing:
                     peeked = list(itertools.islice(batches, min(NORMALIZATION_BATCHES, steps or NORMALIZATION_BATCHES)))
+                    if not peeked:
+                        raise ValueError("activations yielded no batches: the data iterator is empty")
                     squared_norms = _squared_norms(peeked, trainers)
                     batches = itertools.chain(peeked, batches)
             if normalizing:

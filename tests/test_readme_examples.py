@@ -14,7 +14,7 @@ def examples() -> dict[str, str]:
 
 
 def test_the_readme_marks_its_examples():
-    assert {"sites", "transcoder", "compat"} <= set(examples())
+    assert {"sites", "transcoder", "compat", "cache"} <= set(examples())
 
 
 def test_readme_compat_example_runs(tmp_path, monkeypatch, capsys):
@@ -25,7 +25,7 @@ def test_readme_compat_example_runs(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sites", "transcoder"])
+@pytest.mark.parametrize("name", ["sites", "transcoder", "cache"])
 def test_readme_example_runs(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(examples()[name], f"README.md example {name}", "exec"), {"__name__": "readme_example"})
@@ -35,6 +35,12 @@ def test_readme_example_runs(name, tmp_path, monkeypatch, capsys):
         assert len(rows) == 4 and all("TopKTrainer" in row for row in rows)
         assert sorted(path.name for path in (tmp_path / "runs" / "all_mlps").iterdir() if path.is_dir()) == \
             [f"trainer_{i}" for i in range(4)]
+    elif name == "cache":
+        results = re.findall(r"(\w+): FVU ([-\d.]+), L0 ([\d.]+)", printed)
+        assert [recipe for recipe, _, _ in results] == ["TopKTrainer", "StandardTrainer"]
+        assert all(0 <= float(fvu) < 0.5 and float(l0) > 0 for _, fvu, l0 in results)  # both learned the cache
+        assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["StandardTrainer", "TopKTrainer"]
+        assert len(list((tmp_path / "cache" / "tiny-pythia").glob("shard-*.dlshard"))) == 4
     else:
         fvu, recovered = (float(value) for value in re.findall(r"(?:FVU|CE recovered) ([-\d.]+)", printed))
         assert 0 <= fvu < 0.5 and recovered > 0.5  # a transcoder of the MLP, not noise

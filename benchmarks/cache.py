@@ -1,0 +1,333 @@
+"""The activation cache: writing speed against a bare hooked forward, bytes stored per value,
+reading speed against zstd alone, training from the cache against training from memory, and a
+sweep of M trainers over one cache against M runs that each run the model.
+
+    python benchmarks/cache.py [--quick] [--threads 2] [--rounds 3] [--out results/cache.json]
+
+Models: tiny GPT-NeoX built here with d = 256 and d = 512 (4 layers, locally trained BPE) and the
+bundled assets/tiny-pythia (d = 128). Site: `gpt_neox.layers.1.mlp`, ctx_len 128, 32 texts per
+forward pass. Every pipeline is run `--rounds` times, alternating, and the median is reported.
+
+writing    rows/s delivered to their destination by
+           bare      tokenise, HF forward under inference_mode with a plain forward hook that stops
+                     the pass after the site, keep real tokens, copy into a preallocated ring
+                     (benchmarks/buffer.py's bare pipeline, float32);
+           collect   the same collection as the cache's main thread does it (ActivationBuffer's
+                     tokenize + token_activations, nnsight, bf16), with nothing stored;
+           cache     cache_activations(..., dtype=bf16) into a fresh folder (zstd level 1, byte
+                     shards of 32,768 rows), from the first forward pass to the manifest
+                     of the last shard: compression, fsync and renames included.
+           "cache/bare" is the issue's measure; "cache/collect" isolates what storing costs.
+storage    bytes per stored activation value (activation columns only; token ids and positions add
+           8 bytes per row), for each storage dtype and compression, from the float32 cache's rows
+           re-encoded frame by frame (frames of 4,096 rows), with each variant's compression speed.
+reading    rows/s over one epoch of the bf16 cache: "zstd" decompresses every frame's activation
+           part with zstandard and nothing else (no batches); "reader" is
+           CachedActivations(shuffle=True, batch_size=4096, shuffle_window=32768: a quarter of the
+           cache), "in order" the same with shuffle=False.
+training   trainSAE with one TopKTrainer (F = 16 d, k = 32, batch 4,096) fed by CachedActivations
+           against the same batches held in memory as a list (the same bf16 tensors, read before).
+sweep      (bundled model) M TopK trainers (k = 8, 16, 32, 64) trained for S steps each: "on the fly"
+           M runs, each with its own ActivationBuffer; "one pass" one run of M trainers on one
+           buffer; "cache" cache_activations of S × 4,096 rows once, then M runs from the cache.
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import _common
+from buffer import bare_pipeline, build_tiny_model, endless, interleaved_rates, load_hf, synthetic_texts
+
+SITE = "gpt_neox.layers.1.mlp"
+WINDOW = 32768  # the readers' shuffle window: a quarter of the cache, so an epoch is mostly steady state
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE_VARIANTS = [(-1, True), (1, False), (1, True), (3, True)]  # (zstd level, byte shuffle)
+
+
+def prepare_models(args, workdir: Path) -> list[dict]:
+    _common.import_library()
+    from dictionary_learning import bundled
+
+    models = []
+    for hidden in (256, 512):
+        directory = workdir / f"tiny-gpt-neox-{hidden}"
+        build_tiny_model(directory, args.seed, hidden=hidden)
+        models.append({"name": f"tiny GPT-NeoX d={hidden}", "dir": str(directory),
+                       "texts": synthetic_texts(300 if args.quick else 2000, args.seed + 1)})
+    texts = list(itertools.islice(bundled.stdlib_text_stream(split="train"), 300 if args.quick else 2000))
+    models.append({"name": "bundled tiny-pythia", "dir": str(bundled.BUNDLED_MODEL_DIR), "texts": texts})
+    return models
+
+
+def wall_seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# -------------------------------------------------------------------------------------------
+# writing
+# -------------------------------------------------------------------------------------------
+
+
+def writing(spec: dict, model, hf_model, tokenizer, config: dict, workdir: Path) -> tuple[dict, Path]:
+    from dictionary_learning import ActivationBuffer, cache_activations
+
+    n_rows, texts = config["rows"], spec["texts"]
+    folders = iter(workdir / f"write_{i}" for i in itertools.count())
+    kept: list[Path] = []
+
+    def bare() -> int:
+        return bare_pipeline(hf_model, tokenizer, endless(texts), n_rows, config["ctx_len"],
+                             config["refresh_batch_size"], 32768)
+
+    def collect() -> int:
+        buffer = ActivationBuffer(endless(texts), model, submodules=SITE, n_ctxs=2, ctx_len=config["ctx_len"],
+                                  refresh_batch_size=config["refresh_batch_size"], out_batch_size=1, device="cpu",
+                                  dtype=torch.bfloat16)
+        rows = 0
+        while rows < n_rows:
+            collected = buffer.token_activations(buffer.tokenize(buffer.text_batch()))
+            rows += len(collected[0][0]) if collected is not None else 0
+        return n_rows
+
+    def cache() -> int:
+        folder = next(folders)
+        cache_activations(endless(texts), model, SITE, folder, n_rows, ctx_len=config["ctx_len"],
+                          refresh_batch_size=config["refresh_batch_size"], shard_tokens=config["shard_tokens"],
+                          progress=False)
+        kept.append(folder)
+        return n_rows
+
+    candidates = {"bare": bare, "collect": collect, "cache": cache}
+    for fn in candidates.values():  # warm up
+        fn()
+    rates = interleaved_rates(candidates, config["rounds"])
+    bytes_written = sum(p.stat().st_size for p in kept[-1].glob("shard-*"))
+    return {name: result["act_per_s"] for name, result in rates.items()} | {
+        "runs": {name: [run["act_per_s"] for run in result["runs"]] for name, result in rates.items()},
+        "bytes_per_row": bytes_written / n_rows}, kept[-1]
+
+
+# -------------------------------------------------------------------------------------------
+# storage
+# -------------------------------------------------------------------------------------------
+
+
+def storage(rows: torch.Tensor, frame_rows: int = 4096) -> list[dict]:
+    """Bytes per value and compression speed of every (dtype, level, shuffle) on `rows` [N, d] (float32)."""
+    from dictionary_learning.shards import encode_part, tensor_bytes
+
+    table = []
+    for dtype_name, dtype in DTYPES.items():
+        values = rows.to(dtype)
+        frames = [tensor_bytes(values[i : i + frame_rows]) for i in range(0, len(values), frame_rows)]
+        table.append({"dtype": dtype_name, "compression": "none", "bytes/value": float(dtype.itemsize),
+                      "vs raw": 1.0, "MB/s": None})
+        for level, shuffle in STORAGE_VARIANTS:
+            start = time.perf_counter()
+            stored = sum(len(encode_part(frame, level, shuffle, dtype.itemsize)) for frame in frames)
+            seconds = time.perf_counter() - start
+            per_value = stored / values.numel()
+            table.append({"dtype": dtype_name, "compression": f"zstd {level}" + (" + shuffle" if shuffle else ""),
+                          "bytes/value": per_value, "vs raw": per_value / dtype.itemsize,
+                          "MB/s": values.numel() * dtype.itemsize / seconds / 1e6})
+    return table
+
+
+# -------------------------------------------------------------------------------------------
+# reading
+# -------------------------------------------------------------------------------------------
+
+
+def reading(folder: Path, rounds: int) -> dict:
+    import zstandard
+
+    from dictionary_learning import CachedActivations
+    from dictionary_learning.shards import Column, ShardFile, read_manifest
+
+    manifest = read_manifest(folder)
+    columns = [Column.from_json(entry) for entry in manifest["columns"]]
+    part = next(i for i, column in enumerate(columns) if column.site == SITE)
+    shards = [ShardFile(folder / entry["file"], entry["bytes"]) for entry in manifest["shards"]]
+    rows = manifest["rows"]
+
+    def zstd_only() -> int:
+        decompressor = zstandard.ZstdDecompressor()
+        for shard in shards:
+            with open(shard.path, "rb") as file:
+                for frame in shard.frames:
+                    offset, length = frame["parts"][part]
+                    file.seek(offset)
+                    decompressor.decompress(file.read(length))
+        return rows
+
+    def reader(shuffle: bool):
+        def run() -> int:
+            served = 0
+            with CachedActivations(folder, batch_size=4096, shuffle=shuffle, seed=0, shuffle_window=WINDOW) as cache:
+                for batch in cache:
+                    served += len(batch)
+            assert served == rows
+            return rows
+        return run
+
+    candidates = {"zstd": zstd_only, "reader": reader(True), "in order": reader(False)}
+    for fn in candidates.values():
+        fn()
+    rates = interleaved_rates(candidates, rounds)
+    return {name: result["act_per_s"] for name, result in rates.items()} | {
+        "runs": {name: [run["act_per_s"] for run in result["runs"]] for name, result in rates.items()}}
+
+
+def training_from_cache(folder: Path, d: int, rounds: int, steps: int) -> dict:
+    from dictionary_learning import CachedActivations, trainSAE
+
+    config = [{"trainer": "TopKTrainer", "activation_dim": d, "dict_size": 16 * d, "k": 32, "warmup_steps": 2,
+               "threshold_start_step": 2, "seed": 0}]
+
+    def cache() -> CachedActivations:
+        return CachedActivations(folder, batch_size=4096, seed=0, epochs=None, shuffle_window=WINDOW)
+
+    reader = cache()
+    in_memory = [next(reader) for _ in range(steps)]
+    reader.close()
+    seconds = {"memory": [], "cache": []}
+    trainSAE(in_memory, trainer_configs=config, steps=2, progress=False)  # warm up
+    for _ in range(rounds):
+        seconds["memory"].append(wall_seconds(lambda: trainSAE(in_memory, trainer_configs=config, steps=steps,
+                                                                progress=False)))
+        with cache() as data:
+            seconds["cache"].append(wall_seconds(lambda: trainSAE(data, trainer_configs=config, steps=steps,
+                                                                   progress=False)))
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    return {"steps": steps, "memory s": median["memory"], "cache s": median["cache"],
+            "cache speed / memory": median["memory"] / median["cache"], "runs": seconds}
+
+
+# -------------------------------------------------------------------------------------------
+# sweep
+# -------------------------------------------------------------------------------------------
+
+
+def sweep(spec: dict, model, config: dict, workdir: Path, steps: int, ks: list[int]) -> dict:
+    from dictionary_learning import ActivationBuffer, CachedActivations, cache_activations, trainSAE
+
+    batch = 4096
+    d = model._module.config.hidden_size
+
+    def trainer(k: int) -> dict:
+        return {"trainer": "TopKTrainer", "activation_dim": d, "dict_size": 16 * d, "k": k, "warmup_steps": 2,
+                "threshold_start_step": 2, "seed": 0}
+
+    def buffer() -> ActivationBuffer:
+        return ActivationBuffer(endless(spec["texts"]), model, SITE, n_ctxs=4 * batch // config["ctx_len"],
+                                ctx_len=config["ctx_len"], refresh_batch_size=config["refresh_batch_size"],
+                                out_batch_size=batch, dtype=torch.bfloat16, seed=0)
+
+    def on_the_fly() -> None:
+        for k in ks:
+            trainSAE(buffer(), trainer_configs=[trainer(k)], steps=steps, progress=False)
+
+    def one_pass() -> None:
+        trainSAE(buffer(), trainer_configs=[trainer(k) for k in ks], steps=steps, progress=False)
+
+    def from_cache() -> None:
+        folder = workdir / f"sweep_{time.perf_counter_ns()}"
+        cache_activations(endless(spec["texts"]), model, SITE, folder, steps * batch, ctx_len=config["ctx_len"],
+                          refresh_batch_size=config["refresh_batch_size"], shard_tokens=config["shard_tokens"],
+                          progress=False)
+        for k in ks:
+            with CachedActivations(folder, batch_size=batch, seed=0) as data:
+                trainSAE(data, trainer_configs=[trainer(k)], steps=steps, progress=False)
+
+    seconds = {"on the fly": wall_seconds(on_the_fly), "one pass": wall_seconds(one_pass),
+               "cache": wall_seconds(from_cache)}
+    return {"model": spec["name"], "trainers": len(ks), "steps": steps, "rows per run": steps * batch,
+            **{f"{name} s": value for name, value in seconds.items()},
+            "on the fly / cache": seconds["on the fly"] / seconds["cache"]}
+
+
+# -------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = _common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=None, help="alternating runs per pipeline (default 3)")
+    parser.add_argument("--rows", type=int, default=None, help="rows written per cache (default 131072)")
+    parser.add_argument("--ctx-len", type=int, default=128)
+    parser.add_argument("--refresh-batch-size", type=int, default=32)
+    parser.add_argument("--train-steps", type=int, default=None, help="steps of the training comparison (default 24)")
+    parser.add_argument("--sweep-steps", type=int, default=None, help="steps per trainer in the sweep (default 40)")
+    args = parser.parse_args()
+    _common.set_threads(args.threads)
+    _common.import_library()
+    from nnsight import TransformersModel
+
+    from dictionary_learning import CachedActivations, keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()
+    config = {"ctx_len": args.ctx_len, "refresh_batch_size": args.refresh_batch_size,
+              "rows": args.rows or (16384 if args.quick else 131072), "shard_tokens": 32768,
+              "rounds": args.rounds or (1 if args.quick else 3)}
+    train_steps = args.train_steps or (3 if args.quick else 24)
+    sweep_steps = args.sweep_steps or (3 if args.quick else 40)
+    write_table, storage_tables, read_table, train_table, results = [], {}, [], [], []
+    sweep_row = None
+    with tempfile.TemporaryDirectory(prefix="dl_bench_cache_") as tmp:
+        for spec in prepare_models(args, Path(tmp)):
+            hf_model, tokenizer = load_hf(spec["dir"])
+            model = TransformersModel(hf_model, tokenizer=tokenizer)
+            d = hf_model.config.hidden_size
+            workdir = Path(tmp) / spec["name"].replace(" ", "_")
+            print(f"{spec['name']}: writing", flush=True)
+            written, folder = writing(spec, model, hf_model, tokenizer, config, workdir)
+            write_table.append({"model": spec["name"], "d": d, "bare rows/s": written["bare"],
+                                "collect rows/s": written["collect"], "cache rows/s": written["cache"],
+                                "cache/bare": written["cache"] / written["bare"],
+                                "cache/collect": written["cache"] / written["collect"],
+                                "file B/value": written["bytes_per_row"] / d})
+            print(f"{spec['name']}: storage, reading, training", flush=True)
+            float32_rows = torch.cat(list(CachedActivations(folder, batch_size=8192, shuffle=False))).float()
+            storage_tables[spec["name"]] = storage(float32_rows)
+            read = reading(folder, config["rounds"])
+            read_table.append({"model": spec["name"], "d": d, "zstd rows/s": read["zstd"],
+                               "reader rows/s": read["reader"], "in order rows/s": read["in order"],
+                               "reader/zstd": read["reader"] / read["zstd"],
+                               "in order/zstd": read["in order"] / read["zstd"]})
+            train = training_from_cache(folder, d, config["rounds"], train_steps)
+            train_table.append({"model": spec["name"], "d": d, "dict_size": 16 * d, "steps": train_steps,
+                                "memory s": train["memory s"], "cache s": train["cache s"],
+                                "cache speed / memory": train["cache speed / memory"]})
+            results.append({"model": spec["name"], "d": d, "writing": written, "reading": read, "training": train,
+                            "storage": storage_tables[spec["name"]]})
+            if spec["name"].startswith("bundled"):
+                print(f"{spec['name']}: sweep", flush=True)
+                sweep_row = sweep(spec, model, config, workdir, sweep_steps, [8, 16, 32, 64])
+
+    text = _common.print_table(write_table, list(write_table[0]), title=(
+        f"writing ({args.threads} threads, wall clock, {config['rows']:,} rows per run, bf16, zstd 1, "
+        f"ctx_len {config['ctx_len']}, {config['refresh_batch_size']} texts/forward)"))
+    for name, table in storage_tables.items():
+        text += "\n\n" + _common.print_table(table, list(table[0]), title=f"bytes per stored value: {name}")
+    text += "\n\n" + _common.print_table(read_table, list(read_table[0]), title=(
+        f"reading one epoch of the bf16 cache (batch 4,096, shuffle window {WINDOW:,})"))
+    text += "\n\n" + _common.print_table(train_table, list(train_table[0]), title=(
+        f"TopK training (batch 4,096, k 32) fed from the cache (shuffle window {WINDOW:,}) vs the same batches "
+        "in memory"))
+    if sweep_row is not None:
+        text += "\n\n" + _common.print_table([sweep_row], list(sweep_row), title="sweep of M trainers (wall seconds)")
+    _common.write_json(args.out, {"benchmark": "cache", "machine": _common.machine_info(args.threads, "wall"),
+                                  "config": config, "results": results, "sweep": sweep_row,
+                                  "write_table": write_table, "storage_tables": storage_tables,
+                                  "read_table": read_table, "train_table": train_table, "table_text": text})
+
+
+if __name__ == "__main__":
+    main()
