@@ -6,6 +6,7 @@ language-model metrics are first used.
 """
 from .buffer import ActivationBuffer
 from .bundled import load_bundled_model, stdlib_text_stream
+from .dashboards import dashboard, render_dashboard
 from .dictionary import (
     AutoEncoder,
     AutoEncoderTopK,
@@ -20,6 +21,7 @@ from .dictionary import (
     Transcoder,
 )
 from .evaluation import MetricAccumulator, evaluate, evaluate_sweep, format_table, fvu, loss_recovered, tensor_metrics
+from .feature_stats import FeatureStats, collect_features
 from .interop import load_dictionary, load_saelens, save_saelens
 from .synthetic import (
     HierarchicalActivations,
@@ -43,6 +45,7 @@ __all__ = [
     "BatchTopKSAE",
     "ConstrainedAdam",
     "Dictionary",
+    "FeatureStats",
     "GatedAutoEncoder",
     "HierarchicalActivations",
     "IdentityDict",
@@ -53,6 +56,8 @@ __all__ = [
     "SyntheticActivations",
     "TopKTranscoder",
     "Transcoder",
+    "collect_features",
+    "dashboard",
     "dictionary_directions",
     "evaluate",
     "evaluate_sweep",
@@ -68,6 +73,7 @@ __all__ = [
     "loss_recovered",
     "mean_correlation_coefficient",
     "mean_max_cosine_similarity",
+    "render_dashboard",
     "save_saelens",
     "stdlib_text_stream",
     "tensor_metrics",

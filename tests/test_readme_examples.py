@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -14,11 +15,11 @@ def examples() -> dict[str, str]:
 
 
 def test_the_readme_marks_its_examples():
-    assert {"sites", "transcoder"} <= set(examples())
+    assert {"sites", "transcoder", "dashboard"} <= set(examples())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sites", "transcoder"])
+@pytest.mark.parametrize("name", ["sites", "transcoder", "dashboard"])
 def test_readme_example_runs(name, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(examples()[name], f"README.md example {name}", "exec"), {"__name__": "readme_example"})
@@ -28,6 +29,11 @@ def test_readme_example_runs(name, tmp_path, monkeypatch, capsys):
         assert len(rows) == 4 and all("TopKTrainer" in row for row in rows)
         assert sorted(path.name for path in (tmp_path / "runs" / "all_mlps").iterdir() if path.is_dir()) == \
             [f"trainer_{i}" for i in range(4)]
+    elif name == "dashboard":
+        assert printed.strip().endswith("index.html") and (tmp_path / "runs" / "dashboard" / "latent.html").is_file()
+        stats = torch.load(tmp_path / "runs" / "dashboard" / "features.pt", weights_only=True)
+        fired = stats["tensors"]["fire_count"].sum().item()
+        assert stats["n_tokens"] == 20_000 and 0.95 * 16 * 20_000 <= fired <= 16 * 20_000  # L0 of a k = 16 TopK
     else:
         fvu, recovered = (float(value) for value in re.findall(r"(?:FVU|CE recovered) ([-\d.]+)", printed))
         assert 0 <= fvu < 0.5 and recovered > 0.5  # a transcoder of the MLP, not noise
