@@ -40,11 +40,23 @@ __all__ = ["FeatureCollector", "FeatureStats", "TopEntries", "collect_features",
 
 FORMAT = "dictionary_learning.feature_stats"
 VERSION = 1
+# Features are encoded this many entries (contexts × positions × latents) at a time, at least one
+# context: small enough that a chunk's nonzeros are taken while it is in the cache.
+CHUNK_ENTRIES = 2**21
 
 
 # =============================================================================================
 # Bounded per-latent selections
 # =============================================================================================
+
+
+def descending_rank(keys: torch.Tensor) -> torch.Tensor:
+    """float32 keys -> int64 in [0, 2^32) that orders them from largest to smallest (−0.0 just after
+    +0.0; no NaN): the IEEE bit pattern read as an integer is monotonic in the value for positive
+    floats and reversed for negative ones."""
+    bits = keys.float().view(torch.int32).long()
+    ordered = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)  # increasing with the value
+    return (2**31 - 1) - ordered
 
 
 class TopEntries:
@@ -76,9 +88,9 @@ class TopEntries:
         if entries.numel() == 0:
             return
         keys, columns = keys[entries], columns[entries]
-        # At most k candidates per latent: group by latent, largest key first, earlier token first on ties.
-        order = keys.argsort(descending=True, stable=True)
-        order = order[columns[order].argsort(stable=True)]
+        # At most k candidates per latent: group by latent, largest key first, earlier token first on
+        # ties (one stable sort of (latent, descending key) packed into an int64).
+        order = (columns * 2**32 + descending_rank(keys)).argsort(stable=True)
         entries, keys, columns = entries[order], keys[order], columns[order]
         rank = torch.arange(len(columns), device=columns.device) - torch.searchsorted(columns, columns)
         kept = (rank < self.k).nonzero().squeeze(1)
@@ -365,7 +377,7 @@ def dense_to_codes(features: torch.Tensor) -> SparseCodes:
     return SparseCodes(flat[where], where // n_latents, where % n_latents, features.shape[0])
 
 
-def sparse_features(dictionary, acts: torch.Tensor, max_chunk_entries: int = 2**21) -> SparseCodes:
+def sparse_features(dictionary, acts: torch.Tensor, max_chunk_entries: int = CHUNK_ENTRIES) -> SparseCodes:
     """The nonzero features of activations [B, T, D] as SparseCodes over the B·T positions.
 
     The dictionary encodes a few contexts at a time (at most `max_chunk_entries` feature entries,
@@ -383,7 +395,7 @@ def sparse_features(dictionary, acts: torch.Tensor, max_chunk_entries: int = 2**
 
 
 def feature_batches(dictionary, buffer: ActivationBuffer, n_tokens: int, batch_size: int,
-                    max_chunk_entries: int = 2**21) -> Iterator[tuple[SparseCodes, torch.Tensor, torch.Tensor,
+                    max_chunk_entries: int = CHUNK_ENTRIES) -> Iterator[tuple[SparseCodes, torch.Tensor, torch.Tensor,
                                                                         torch.Tensor]]:
     """(codes, token_ids [B, T], keep [B, T], real [B, T]) for the texts of `buffer`'s stream,
     `batch_size` texts per forward pass, until `n_tokens` tokens are counted or the texts run out;

@@ -12,7 +12,8 @@ import torch
 
 from dictionary_learning import (ActivationBuffer, AutoEncoder, FeatureStats, collect_features, dashboard, evaluate,
                                  render_dashboard)
-from dictionary_learning.feature_stats import FeatureCollector, dense_to_codes, final_norm, flat_nonzero, logit_effects
+from dictionary_learning.feature_stats import (FeatureCollector, dense_to_codes, descending_rank, final_norm, flat_nonzero,
+                                              logit_effects)
 from dictionary_learning.kernels import SparseCodes
 
 from lm_fixtures import documents, fresh_tokenizer, tiny_gpt2, tiny_gpt_neox
@@ -144,6 +145,14 @@ def test_flat_nonzero_equals_nonzero(dtype):
         assert torch.equal(flat_nonzero(values), values.nonzero().squeeze(1))
         if size > 1:
             assert torch.equal(flat_nonzero(values[1:]), values[1:].nonzero().squeeze(1))  # unaligned view
+
+
+def test_descending_rank_orders_floats_from_largest():
+    keys = torch.tensor([0.5, -2.0, math.inf, 0.0, -math.inf, 3e-39, -3e-39, 1.0, -0.5, 1e30, -1e30])
+    rank = descending_rank(keys)
+    assert torch.equal(keys[rank.argsort()], keys.sort(descending=True).values)
+    assert bool((rank >= 0).all()) and bool((rank < 2**32).all())
+    assert descending_rank(torch.tensor([0.0]))[0] < descending_rank(torch.tensor([-0.0]))[0]
 
 
 def test_collector_rejects_bad_input():
