@@ -556,6 +556,9 @@ def trainSAE(
         for trainer in trainers:
             trainer.replicas = SINGLE_PROCESS if plan is not None else replicas
         owned = [plan is None or plan.owns(_stream_key(trainer)) for trainer in trainers]
+        for trainer, is_owned in zip(trainers, owned):
+            if not is_owned:  # another rank trains it: no memory here for its weights (nor optimizer state)
+                trainer.ae.to("meta")
         _check_sites(trainers, data)
         buffer_configs = [_buffer_config(data, trainer.cfg.site) for trainer in trainers]
         for trainer, buffer_config in zip(trainers, buffer_configs):
@@ -612,8 +615,8 @@ def trainSAE(
             destroy_process_group()
     dictionaries = []
     for index, (trainer, final, config) in enumerate(zip(trainers, trained, run.configs())):
-        if final is not trainer:  # trained on another rank (distribute_sites): its final weights
-            trainer.ae.load_state_dict(final.ae.state_dict())
+        if final is not trainer:  # trained on another rank (distribute_sites): its final dictionary
+            trainer.ae = final.ae.to(trainer.device)
         elif not owned[index]:  # trained on another rank, which returns it
             dictionaries.append(None)
             continue
