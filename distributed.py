@@ -17,20 +17,25 @@ equals one step on the global batch, the rows of all ranks (rank 0's first, then
 
 `Replicas` is the handle a trainer does this through; `SINGLE_PROCESS` makes no torch.distributed
 call, so one process runs exactly the code it always ran.
+
+With several sites, `SitePlan` spreads them over the ranks instead (sparsify's distribute_modules):
+each site's trainers live on one rank only, every rank reads all sites of its own rows, and one
+all-to-all per step sends each site's rows to the rank that trains it, which then steps its
+trainers on the site's global batch, exactly as one process would.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .kernels import SparseCodes, largest_entries
 
-__all__ = ["Replicas", "SINGLE_PROCESS", "RankLost", "DEFAULT_TIMEOUT", "launched", "init_process_group",
+__all__ = ["Replicas", "SINGLE_PROCESS", "RankLost", "SitePlan", "DEFAULT_TIMEOUT", "launched", "init_process_group",
            "destroy_process_group", "world_replicas", "rank_shard", "is_writer"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
@@ -168,6 +173,15 @@ class Replicas:
             dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
 
+    def gather_to_first(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` (picklable) on rank 0, in rank order; None on the other ranks."""
+        if self.group is None:
+            return [obj]
+        gathered = [None] * self.size if self.rank == 0 else None
+        with _collective():
+            dist.gather_object(obj, gathered, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        return gathered
+
     def row_counts(self, n_rows: int, device: torch.device | None = None) -> list[int]:
         """Every rank's row count, in rank order."""
         if self.group is None:
@@ -293,3 +307,58 @@ class Replicas:
 
 SINGLE_PROCESS = Replicas(None)
 """The Replicas of a trainer that lives in one process: no reduction, no torch.distributed call."""
+
+
+class SitePlan:
+    """Which rank trains each site, and the exchange that gives each rank the global batches of the
+    sites it trains.
+
+    Sites go to ranks by decreasing cost (the Σ dict_size of the trainers reading them), each to the
+    rank with the least cost so far (ties: the lower rank), so every rank computes the same plan."""
+
+    def __init__(self, site_costs: Mapping[str, float], replicas: Replicas):
+        self.replicas = replicas
+        load = [0.0] * replicas.size
+        self.owner: dict[str, int] = {}
+        for site in sorted(site_costs, key=lambda site: -site_costs[site]):  # stable: ties in given order
+            rank = min(range(replicas.size), key=lambda r: (load[r], r))
+            self.owner[site] = rank
+            load[rank] += site_costs[site]
+        self.sites_of = [[site for site in site_costs if self.owner[site] == rank] for rank in range(replicas.size)]
+
+    def owns(self, site: str) -> bool:
+        return self.owner[site] == self.replicas.rank
+
+    def exchange(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """{site: this rank's rows} of every site -> {site: the global batch} of the sites this rank
+        trains (rows of rank 0 first); a site's value is a tensor [N_r, d] or a tuple of them (an
+        (input, output) pair). One all-to-all of each rank's rows, in one dtype (the batch's, or
+        float32 if its tensors differ)."""
+        missing = [site for site in self.owner if site not in batch]
+        if missing:
+            raise ValueError(f"distribute_sites: the batch has no site {missing[0]!r}; it has {list(batch)}")
+        parts = {site: tuple(batch[site]) if isinstance(batch[site], (tuple, list)) else (batch[site],)
+                 for site in self.owner}
+        tensors = [t for site_parts in parts.values() for t in site_parts]
+        dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float32
+        n_rows = tensors[0].shape[0]
+        counts = self.replicas.row_counts(n_rows, tensors[0].device)
+        chunks = [torch.cat([part.reshape(n_rows, -1).to(dtype) for site in sites for part in parts[site]], dim=1)
+                  if sites else tensors[0].new_zeros((n_rows, 0), dtype=dtype) for sites in self.sites_of]
+        mine = self.sites_of[self.replicas.rank]
+        widths = [part.reshape(n_rows, -1).shape[1] for site in mine for part in parts[site]]
+        received = tensors[0].new_empty((sum(counts) * sum(widths),), dtype=dtype)
+        with _collective():
+            dist.all_to_all_single(received, torch.cat([chunk.flatten() for chunk in chunks]),
+                                   [count * sum(widths) for count in counts],
+                                   [n_rows * chunk.shape[1] for chunk in chunks], group=self.replicas.group)
+        columns = received.reshape(sum(counts), sum(widths)) if widths else received.reshape(sum(counts), 0)
+        exchanged, start = {}, 0
+        for site in mine:
+            site_parts = []
+            for part in parts[site]:
+                width = part.reshape(n_rows, -1).shape[1]
+                site_parts.append(columns[:, start:start + width].reshape(-1, *part.shape[1:]).to(part.dtype))
+                start += width
+            exchanged[site] = tuple(site_parts) if isinstance(batch[site], (tuple, list)) else site_parts[0]
+        return exchanged

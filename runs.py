@@ -204,10 +204,10 @@ class Checkpointer:
             "trainers": [trainer.state_dict() for trainer in trainers],
         }, self.path)
 
-    def load(self, trainers: Sequence[SAETrainer]) -> SavedState:
-        """Restore every trainer; returns (steps done, activation scale, data fingerprint). The
-        trainers must have been built from the configs of the saved run (checked, naming what
-        differs)."""
+    def load(self, trainers: Sequence[SAETrainer], restore: Sequence[bool] | None = None) -> SavedState:
+        """Restore every trainer (with `restore`, those marked True: a rank trains only its sites');
+        returns (steps done, activation scale, data fingerprint). The trainers must have been built
+        from the configs of the saved run (checked, naming what differs)."""
         state = self._read()
         if len(state["trainers"]) != len(trainers):
             raise ValueError(
@@ -218,7 +218,9 @@ class Checkpointer:
             _check_same_config(i, trainer, current_field_names(saved))
         if state.get("format", 1) < STATE_FORMAT:
             _upgrade_format_1(state, trainers)
-        for trainer, trainer_state in zip(trainers, state["trainers"]):
+        for index, (trainer, trainer_state) in enumerate(zip(trainers, state["trainers"])):
+            if restore is not None and not restore[index]:
+                continue
             # the optimizer places its own state (Adam keeps `step` on the CPU); generators live on the CPU
             trainer.load_state_dict({
                 key: value if key in ("optimizer", "generator") else _to_device(value, trainer.device)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import as_dtype
-from .distributed import (SINGLE_PROCESS, RankLost, Replicas, destroy_process_group, init_process_group,
+from .distributed import (SINGLE_PROCESS, RankLost, Replicas, SitePlan, destroy_process_group, init_process_group,
                           world_replicas)
 from .files import json_default
 from .normalization import scale_from_sums, squared_norm_sum
@@ -458,6 +458,7 @@ def trainSAE(
     run_cfg: Mapping[str, Any] | None = None,
     activations_split_by_head: bool = False,
     transcoder: bool = False,
+    distribute_sites: bool = False,
 ):
     """Train sparse autoencoders on `data`, an iterator of activation batches [B, D] or
     [B, L, D] (an ActivationBuffer, a list, a DataLoader).
@@ -501,6 +502,14 @@ def trainSAE(
     `wandb_entity` and `run_cfg` (extra config) go to wandb; `activations_split_by_head` and
     `transcoder` only shaped the reference's logging and change nothing here (batches of
     (input, output) pairs train transcoders by themselves).
+
+    Under `torchrun --nproc_per_node R` (distributed.py), each rank passes its own data and the run
+    trains as one process on the global batches (every rank's rows, rank 0's first): gradients and
+    every batch-wide statistic are reduced across ranks, only rank 0 writes files, and every rank
+    returns the same dictionaries. `distribute_sites=True` (with multi-site data and a `site` in
+    every config) instead trains each site's trainers on one rank only (SitePlan): each rank sends
+    each site's rows to the rank training it, which steps on the site's global batch; rank 0
+    returns every dictionary, the other ranks only those they trained (None for the rest).
     """
     if trainer_configs is None and _is_config_list(activation_dim):  # the reference's order (data, configs, steps)
         trainer_configs, activation_dim = activation_dim, None
@@ -543,8 +552,13 @@ def trainSAE(
     try:
         replicas = world_replicas()
         trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
+        plan = _site_plan(trainers, replicas) if distribute_sites and replicas.distributed else None
         for trainer in trainers:
-            trainer.replicas = replicas
+            trainer.replicas = SINGLE_PROCESS if plan is not None else replicas
+        owned = [plan is None or plan.owns(_stream_key(trainer)) for trainer in trainers]
+        for trainer, is_owned in zip(trainers, owned):
+            if not is_owned:  # another rank trains it: no memory here for its weights (nor optimizer state)
+                trainer.ae.to("meta")
         _check_sites(trainers, data)
         buffer_configs = [_buffer_config(data, trainer.cfg.site) for trainer in trainers]
         for trainer, buffer_config in zip(trainers, buffer_configs):
@@ -555,7 +569,7 @@ def trainSAE(
                 lock = _claim(save_dir, resume_from, overwrite) if replicas.rank == 0 else None
                 steps_done, scales, saved_data = 0, {}, None
                 if resume_from is not None:
-                    steps_done, saved_scales, saved_data = Checkpointer(resume_from / STATE_FILE).load(trainers)
+                    steps_done, saved_scales, saved_data = Checkpointer(resume_from / STATE_FILE).load(trainers, owned)
                     scales = _scales(saved_scales)
                     if steps is not None and steps < steps_done:
                         raise ValueError(f"resume_from: the run already trained {steps_done} steps, more than "
@@ -579,15 +593,17 @@ def trainSAE(
                               if use_wandb else None)
             run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, wandb_settings, data_record,
                        writer=replicas.rank == 0)
+            if plan is not None:
+                run.collect = lambda: _collected_trainers(trainers, owned, replicas)
             try:
                 run.start(resume_from, steps_done, scales)
                 steps_done = _train(trainers, batches, run, steps_done, scales, settings, autocast_dtype,
-                                    progress and replicas.rank == 0, verbose, replicas)
+                                    progress and replicas.rank == 0, verbose, replicas, plan)
                 if steps is not None and steps_done < steps and replicas.rank == 0:
                     warnings.warn(f"trainSAE: the data ran out after {steps_done} of steps={steps} batches; the "
                                   f"dictionaries trained {steps_done} steps (recorded as steps_done in config.json), "
                                   "with LR and sparsity schedules planned for steps", stacklevel=2)
-                run.finish(steps_done, scales)
+                trained = run.finish(steps_done, scales)
                 replicas.all_true(True)  # every rank returns once rank 0 has written the final files
             finally:
                 run.close()
@@ -597,13 +613,69 @@ def trainSAE(
     finally:
         if created_group:
             destroy_process_group()
-    for trainer, config in zip(trainers, run.configs()):
+    dictionaries = []
+    for index, (trainer, final, config) in enumerate(zip(trainers, trained, run.configs())):
+        if final is not trainer:  # trained on another rank (distribute_sites): its final dictionary
+            trainer.ae = final.ae.to(trainer.device)
+        elif not owned[index]:  # trained on another rank, which returns it
+            dictionaries.append(None)
+            continue
         scale = scales.get(_stream_key(trainer))
         if scale is not None:
             trainer.ae.scale_biases(1.0 / scale)
         trainer.ae.cfg = config_from_run(config, trainer.ae.default_cfg())
-    dictionaries = [trainer.ae for trainer in trainers]
+        dictionaries.append(trainer.ae)
     return dictionaries[0] if seed_form else dictionaries
+
+
+def _site_plan(trainers: Sequence[SAETrainer], replicas: Replicas) -> SitePlan:
+    """distribute_sites' plan: each site to one rank, balancing Σ dict_size of the trainers."""
+    unnamed = [index for index, trainer in enumerate(trainers) if trainer.cfg.site is None]
+    if unnamed:
+        raise ValueError(f"distribute_sites=True needs the 'site' of every trainer config; trainer {unnamed[0]} has "
+                         "none (the multi-site buffer's sites are listed by buffer.sites)")
+    costs: dict[str, float] = {}
+    for trainer in trainers:
+        costs[trainer.cfg.site] = costs.get(trainer.cfg.site, 0.0) + trainer.cfg.dict_size
+    return SitePlan(costs, replicas)
+
+
+class _TrainedElsewhere:
+    """A trainer of another rank as rank 0 saves it (distribute_sites): its state, gathered to the
+    CPU, and its dictionary rebuilt there."""
+
+    def __init__(self, local: SAETrainer, state: dict[str, Any]):
+        self.config, self.state, self.device = local.config, state, torch.device("cpu")
+        self.cfg = local.cfg
+        self.ae = type(local.ae).from_state_dict(state["ae"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
+def _on_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: _on_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(value) for value in obj)
+    return obj
+
+
+def _collected_trainers(trainers: Sequence[SAETrainer], owned: Sequence[bool], replicas: Replicas) -> list:
+    """On rank 0, every trainer as it is now: its own, and the others' states gathered from the ranks
+    that train them (_TrainedElsewhere); on the other ranks, `trainers` (they write nothing)."""
+    mine = {index: _on_cpu(trainer.state_dict()) for index, trainer in enumerate(trainers)
+            if owned[index] and replicas.rank != 0}
+    gathered = replicas.gather_to_first(mine)
+    if gathered is None:
+        return list(trainers)
+    collected = list(trainers)
+    for states in gathered:
+        for index, state in states.items():
+            collected[index] = _TrainedElsewhere(trainers[index], state)
+    return collected
 
 
 @contextmanager
@@ -671,9 +743,13 @@ def _divergence_error(index: int, trainer: SAETrainer, what: str, stream: Any, s
         "finite instead.")
 
 
-def _check_weights(trainers: Sequence[SAETrainer], step: int, settings: RunSettings, run: "_Run", batch) -> None:
-    """Stop the run if a dictionary holds NaN or ±inf (before it is logged or saved)."""
+def _check_weights(trainers: Sequence[SAETrainer], step: int, settings: RunSettings, run: "_Run", batch,
+                   active: Sequence[bool] | None = None) -> None:
+    """Stop the run if a dictionary holds NaN or ±inf (before it is logged or saved); `active`: the
+    trainers this process trains (all by default)."""
     for index, trainer in enumerate(trainers):
+        if active is not None and not active[index]:
+            continue
         bad = trainer.nonfinite_parameters()
         if bad:
             stream = _stream(batch, trainer, index, step) if batch is not None else None
@@ -694,16 +770,17 @@ def _scales(saved: Any) -> dict[str, float]:
 
 
 def _train(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
-           progress, verbose: bool = False, replicas: Replicas = SINGLE_PROCESS) -> int:
+           progress, verbose: bool = False, replicas: Replicas = SINGLE_PROCESS, plan: SitePlan | None = None) -> int:
     """The training loop: every trainer steps on every batch (on its site's part of it), its inputs
     scaled by its stream's entry in `scales`. Returns the steps done. With `replicas`, every rank
     steps on its own batches in lockstep, and a rank that stops (dies, fails) stops the others
-    with an error naming the step."""
+    with an error naming the step; with a `plan`, each rank steps the trainers of its sites only,
+    on the global batches the plan's exchange brings it."""
     if not replicas.distributed:
         return _train_steps(trainers, batches, run, step, scales, settings, autocast_dtype, progress, verbose)
     try:
         return _train_steps(trainers, _in_lockstep(batches, replicas), run, step, scales, settings, autocast_dtype,
-                            progress, verbose, replicas)
+                            progress, verbose, replicas, plan)
     except RankLost as error:
         saved = (f"the last state saved is that of step {run.last_saved}: resume with resume_from={str(run.save_dir)!r}"
                  if run.last_saved else "no state was saved (save_steps saves one)")
@@ -728,8 +805,10 @@ def _rows(stream: Any) -> int:
 
 
 def _train_steps(trainers, batches, run, step, scales: dict[str, float], settings: RunSettings, autocast_dtype,
-                 progress, verbose: bool = False, replicas: Replicas = SINGLE_PROCESS) -> int:
+                 progress, verbose: bool = False, replicas: Replicas = SINGLE_PROCESS, plan: SitePlan | None = None
+                 ) -> int:
     autocasts = [_autocast(trainer.device, autocast_dtype) for trainer in trainers]
+    active = [plan is None or plan.owns(_stream_key(trainer)) for trainer in trainers]
     skipped_in_a_row = [0] * len(trainers)
     batch = None
     bar = tqdm(total=settings.steps, initial=step, desc="trainSAE", disable=not progress, dynamic_ncols=True)
@@ -737,9 +816,14 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
         for batch in batches:
             if settings.steps is not None and step >= settings.steps:
                 break
+            if plan is not None:
+                batch = plan.exchange(batch)  # the global batches of this rank's sites
             inputs = {}  # one converted copy of each stream per device
             metrics = []
             for index, (trainer, autocast) in enumerate(zip(trainers, autocasts)):
+                if not active[index]:
+                    metrics.append(None)
+                    continue
                 key = (_stream_key(trainer), trainer.device)
                 if key not in inputs:
                     inputs[key] = _prepared(_stream(batch, trainer, index, step), scales.get(key[0]), trainer.device)
@@ -750,8 +834,10 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
             run.steps_trained = step
             bar.update(1)
             if settings.log_steps is not None and (step % settings.log_steps == 0 or step == 1):
-                _check_weights(trainers, step, settings, run, batch)
-                if replicas.distributed:
+                _check_weights(trainers, step, settings, run, batch, active)
+                if plan is not None:
+                    metrics = _collected_metrics(metrics, trainers, replicas)
+                elif replicas.distributed:
                     rows = [_rows(inputs[(_stream_key(trainer), trainer.device)]) for trainer in trainers]
                     metrics = _global_metrics(metrics, rows, replicas)
                 logged = run.log(step, metrics)
@@ -761,12 +847,12 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
                         bar.write(f"step {step} trainer {index}: " +
                                   ", ".join(f"{key} {value:.4g}" for key, value in record.items()))
             if step in settings.save_steps:
-                _check_weights(trainers, step, settings, run, batch)
+                _check_weights(trainers, step, settings, run, batch, active)
                 run.checkpoint(step, scales)
             elif settings.backup_steps and step % settings.backup_steps == 0:
-                _check_weights(trainers, step, settings, run, batch)
+                _check_weights(trainers, step, settings, run, batch, active)
                 run.backup(step, scales)
-    _check_weights(trainers, step, settings, run, batch)
+    _check_weights(trainers, step, settings, run, batch, active)
     return step
 
 
@@ -799,6 +885,18 @@ def _global_metrics(metrics: Sequence[dict[str, torch.Tensor]], rows: Sequence[i
                                         device=replicas.control_device)).tolist()
     totals, counts = iter(packed[: len(values)]), packed[len(values):]
     return [{key: torch.tensor(next(totals) / count) for key in names} for names, count in zip(keys, counts)]
+
+
+def _collected_metrics(metrics: Sequence[dict[str, torch.Tensor] | None], trainers: Sequence[SAETrainer],
+                       replicas: Replicas) -> list[dict[str, float]]:
+    """Every trainer's metrics (and LR) from the rank that trains it (distribute_sites; `metrics`
+    holds None for the trainers of other ranks)."""
+    mine = {index: {"lr": trainers[index].optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in m.items()}}
+            for index, m in enumerate(metrics) if m is not None}
+    collected = {}
+    for part in replicas.exchange(mine):
+        collected.update(part)
+    return [collected[index] for index in range(len(trainers))]
 
 
 def _prepared(stream, scale: float | None, device: torch.device):
@@ -834,6 +932,7 @@ class _Run:
         self.steps_trained = 0  # steps done, as the loop goes
         self.last_saved: int | None = None  # steps done at the last state saved
         self.skipped_steps = [0] * len(trainers)  # batches each trainer skipped (on_nonfinite="skip")
+        self.collect = None  # distribute_sites: gathers the trainers of other ranks to rank 0 (a collective)
         self.wandb = None
         if wandb_settings is not None and writer:
             try:
@@ -877,32 +976,40 @@ class _Run:
                            step=step)
         return records
 
-    def save_state(self, step: int) -> None:
+    def current(self) -> list:
+        """The trainers as they are now (with `collect`, gathered from the ranks that train them)."""
+        return self.collect() if self.collect is not None else self.trainers
+
+    def save_state(self, step: int, trainers: Sequence) -> None:
         if self.checkpointer is not None:
-            self.checkpointer.save(self.trainers, step, dict(self.scales), self.data_record)
+            self.checkpointer.save(trainers, step, dict(self.scales), self.data_record)
         self.last_saved = step
 
     def checkpoint(self, step: int, scales: dict[str, float]) -> None:
         self.scales, self.steps_done = scales, step
+        trainers = self.current()
         if self.folder is not None:
-            self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
+            self.folder.save([exported_weights(t, self.scale_of(t)) for t in trainers], self.configs(),
                              steps_done=step)
-        self.save_state(step)
+        self.save_state(step, trainers)
 
     def backup(self, step: int, scales: dict[str, float]) -> None:
         """The resumable state only (no checkpoint of the weights): the reference's backup_steps."""
         self.scales, self.steps_done = scales, step
-        self.save_state(step)
+        self.save_state(step, self.current())
 
-    def finish(self, steps_done: int, scales: dict[str, float]) -> None:
-        """The final weights (ae.pt); with save_steps, also the state at the end, so the run can be extended."""
+    def finish(self, steps_done: int, scales: dict[str, float]) -> list:
+        """The final weights (ae.pt); with save_steps, also the state at the end, so the run can be
+        extended. Returns the trainers as they ended (`current`)."""
         self.scales, self.steps_done = scales, steps_done
+        trainers = self.current()
         if self.folder is None:
-            return
+            return trainers
         if (self.settings.save_steps or self.settings.backup_steps) and steps_done not in self.settings.save_steps:
-            self.save_state(steps_done)
-        self.folder.save([exported_weights(t, self.scale_of(t)) for t in self.trainers], self.configs(),
+            self.save_state(steps_done, trainers)
+        self.folder.save([exported_weights(t, self.scale_of(t)) for t in trainers], self.configs(),
                          steps_done=None)
+        return trainers
 
     def close(self) -> None:
         if self.folder is not None:

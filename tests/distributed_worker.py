@@ -9,6 +9,10 @@ rows in the same order. SAE recipes read the site "sae", transcoders
 the pairs of the site "tc". Each rank saves what trainSAE returned to OUT/returned_<rank>.pt and
 counts the files it wrote in OUT/writes_<rank>.json; `--kill-rank r --kill-at s` makes rank r
 kill itself with SIGKILL when it asks for batch s.
+
+`--sites DIR`: then also the distribute_sites run into DIR (trainSAE joins the ranks again): five
+trainers on four sites of different widths (one of them (input, output) pairs), each site
+trained by one rank.
 """
 import argparse
 import dataclasses
@@ -74,10 +78,41 @@ def global_batches(n: int, seed: int = 0) -> list[dict]:
     return batches
 
 
+SITE_WIDTHS = {"s0": 8, "s1": 12, "s2": 6, "s3": (8, 5)}
+
+
+def site_configs() -> list[dict]:
+    """Five trainers on four sites: two on s0 (so that s0 costs most), a transcoder on the pairs of s3."""
+    common = {"dict_size": 32, "lr": 1e-2, "warmup_steps": 3, "seed": 2}
+    return [{"trainer": "TopKTrainer", "site": "s0", "activation_dim": 8, "k": 3, "threshold_start_step": 3,
+             "dead_tokens_threshold": 192, **common},
+            {"trainer": "StandardTrainer", "site": "s0", "activation_dim": 8, "resample_steps": 7, **common},
+            {"trainer": "BatchTopKTrainer", "site": "s1", "activation_dim": 12, "k": 3, "threshold_start_step": 3,
+             **common},
+            {"trainer": "GatedSAETrainer", "site": "s2", "activation_dim": 6, **common},
+            {"trainer": "JumpReluTranscoderTrainer", "site": "s3", "activation_dim": 8, "output_dim": 5,
+             "sparsity_warmup_steps": 5, **common}]
+
+
+def site_batches(n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        batch = {}
+        for site, width in SITE_WIDTHS.items():
+            if isinstance(width, tuple):
+                batch[site] = tuple(torch.randn(GLOBAL_BATCH, w, generator=g) for w in width)
+            else:
+                batch[site] = torch.relu(torch.randn(GLOBAL_BATCH, width, generator=g)) + 0.1
+        batches.append(batch)
+    return batches
+
+
 def rows_of_rank(batch: dict, rank: int, world_size: int) -> dict:
     share = GLOBAL_BATCH // world_size
     part = slice(rank * share, (rank + 1) * share)
-    return {"sae": batch["sae"][part], "tc": tuple(t[part] for t in batch["tc"])}
+    return {site: tuple(t[part] for t in value) if isinstance(value, tuple) else value[part]
+            for site, value in batch.items()}
 
 
 def train(out: Path, data, steps: int, resume: bool = False):
@@ -88,11 +123,18 @@ def train(out: Path, data, steps: int, resume: bool = False):
                     resume_from=save_dir if resume else None)
 
 
+def train_sites(out: Path, data, steps: int):
+    """The distribute_sites run (in one process, distribute_sites changes nothing)."""
+    return trainSAE(data, trainer_configs=site_configs(), steps=steps, save_dir=out / "run", save_steps=[10],
+                    log_steps=5, progress=False, distribute_sites=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--sites", type=Path, default=None)
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=None,
@@ -113,17 +155,23 @@ def main():
 
         setattr(runs, name, counted)
 
-    def data():
-        for step, batch in enumerate(global_batches(args.steps)):
+    def data(batches):
+        for step, batch in enumerate(batches):
             if rank == args.kill_rank and step == args.kill_at:
                 (out / "killed_at").write_text(str(time.time()))
                 (out / f"writes_{rank}.json").write_text(json.dumps(writes))
                 os.kill(os.getpid(), signal.SIGKILL)
             yield rows_of_rank(batch, rank, world_size)
 
-    dictionaries = train(out, data(), args.steps, args.resume)
+    dictionaries = train(out, data(global_batches(args.steps)), args.steps, args.resume)
     torch.save([d.state_dict() for d in dictionaries], out / f"returned_{rank}.pt")
     (out / f"writes_{rank}.json").write_text(json.dumps(writes))
+    if args.sites is not None:
+        before = len(writes)
+        dictionaries = train_sites(args.sites, data(site_batches(args.steps)), args.steps)
+        torch.save([d.state_dict() if d is not None else None for d in dictionaries],
+                   args.sites / f"returned_{rank}.pt")
+        (args.sites / f"writes_{rank}.json").write_text(json.dumps(writes[before:]))
     if args.timeout is not None:
         torch.distributed.destroy_process_group()
 

@@ -1,13 +1,15 @@
-"""Data-parallel training under torchrun (distributed.py): 2 ranks (gloo, CPU) with half the rows
-each train every recipe as one process does on the whole batches; only rank 0 writes; a killed
-rank stops the other with a clear error within a bounded time; the run resumes under torchrun.
+"""Training under torchrun (distributed.py), 2 ranks (gloo, CPU): with half the rows each, every
+recipe trains as one process does on the whole batches; only rank 0 writes; a killed rank stops the
+other with a clear error within a bounded time; the run resumes under torchrun; with
+distribute_sites, each site's trainers train on one rank exactly as in one process.
 
-One module fixture makes three runs of tests/distributed_worker.py's sweep (every recipe of the
-registry, 20 steps of 64 rows, a checkpoint at step 10):
-  1. one process, whole batches (here, in this process);
-  2. two ranks started by hand (RANK, WORLD_SIZE, MASTER_ADDR as torchrun sets them, no agent):
-     rank 1 kills itself (SIGKILL) when asking for batch 15;
-  3. `python -m torch.distributed.run --nproc_per_node 2` resuming run 2 from its step-10 state.
+One module fixture makes the runs of tests/distributed_worker.py (20 steps of 64 rows, a
+checkpoint at step 10):
+  1. one process, whole batches, here: every recipe of the registry, then the four-site sweep;
+  2. two ranks started by hand (RANK, WORLD_SIZE, MASTER_ADDR as torchrun sets them, no agent)
+     on every recipe: rank 1 kills itself (SIGKILL) when asking for batch 15;
+  3. `python -m torch.distributed.run --nproc_per_node 2` resuming run 2 from its step-10 state,
+     then (trainSAE joining the ranks again) the four-site sweep with distribute_sites=True.
 """
 import functools
 import importlib.util
@@ -60,6 +62,9 @@ def runs(tmp_path_factory):
     single = root / "single"
     single.mkdir()
     returned = worker.train(single, worker.global_batches(20), 20)
+    single_sites = root / "single_sites"
+    single_sites.mkdir()
+    worker.train_sites(single_sites, worker.site_batches(20), 20)
 
     killed = root / "two_ranks"
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -75,10 +80,12 @@ def runs(tmp_path_factory):
                   "log": (killed / "run" / "trainer_0" / "log.jsonl").read_text()}
 
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(WORKER_PATH), str(killed), "--resume"], capture_output=True, text=True, timeout=300,
+                              str(WORKER_PATH), str(killed), "--resume", "--sites", str(root / "sites")],
+                             capture_output=True, text=True, timeout=300,
                              env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return {"single": single, "returned": returned, "two": killed, "killed": killed_run}
+    return {"single": single, "returned": returned, "two": killed, "killed": killed_run,
+            "single_sites": single_sites, "sites": root / "sites"}
 
 
 def flat_state(state, prefix=""):
@@ -175,3 +182,36 @@ def test_rank_shard_deals_items_round_robin():
     assert list(distributed.rank_shard("abcd", rank=0, world_size=2)) == ["a", "c"]
     with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\)"):
         list(distributed.rank_shard([], rank=2, world_size=2))
+
+
+def test_sites_spread_over_ranks_train_each_trainer_exactly_as_one_process(runs):
+    one = torch.load(runs["single_sites"] / "run" / STATE_FILE, weights_only=True)
+    two = torch.load(runs["sites"] / "run" / STATE_FILE, weights_only=True)
+    # the owner steps on its site's global batch, brought by the all-to-all: the same computation
+    for index, (a, b) in enumerate(zip(one["trainers"], two["trainers"])):
+        a, b = flat_state(a), flat_state(b)
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], (index, key)
+    # sites by cost (Σ dict_size): s0 (two trainers) to rank 0, s1 and s2 to rank 1, s3 to rank 0
+    rank_0, rank_1 = (torch.load(runs["sites"] / f"returned_{r}.pt", weights_only=True) for r in (0, 1))
+    assert [d is None for d in rank_1] == [True, True, False, False, True]
+    for index, trained in enumerate(one["trainers"]):
+        for returned in (rank_0[index], rank_1[index]):
+            if returned is not None:
+                assert all(torch.equal(value, trained["ae"][key]) for key, value in returned.items()), index
+    assert json.loads((runs["sites"] / "writes_1.json").read_text()) == []
+    assert (runs["sites"] / "run" / "trainer_4" / "checkpoints" / "ae_10.pt").exists()
+    logged = [json.loads(line) for line in (runs["sites"] / "run" / "trainer_2" / "log.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (runs["single_sites"] / "run" / "trainer_2" / "log.jsonl").read_text(
+        ).splitlines()]
+    assert logged == expected  # rank 0 logs the metrics of rank 1's trainers
+
+
+def test_site_plan_balances_the_cost_of_the_sites():
+    class TwoRanks:  # a Replicas stand-in: the plan only reads rank and size
+        rank, size = 1, 2
+
+    plan = distributed.SitePlan({"a": 64, "b": 32, "c": 32, "d": 96}, TwoRanks())
+    assert plan.owner == {"d": 0, "a": 1, "b": 1, "c": 0}
+    assert plan.sites_of == [["c", "d"], ["a", "b"]] and plan.owns("a") and not plan.owns("d")
