@@ -65,7 +65,7 @@ def read_source(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def _line_aligned_chunks(text: str, chunk_chars: int) -> Iterator[str]:
+def line_aligned_chunks(text: str, chunk_chars: int) -> Iterator[str]:
     """Consecutive pieces of `text`, each at most `chunk_chars` long, cut after a newline when
     the window has one; whitespace-only pieces are skipped."""
     start = 0
@@ -110,7 +110,7 @@ def _stream_chunks(
         if shuffle_seed is not None:
             random.Random(shuffle_seed * 1_000_003 + epoch).shuffle(order)
         for path in order:
-            yield from _line_aligned_chunks(read_source(path), chunk_chars)
+            yield from line_aligned_chunks(read_source(path), chunk_chars)
         if not repeat:
             return
         epoch += 1
