@@ -359,3 +359,88 @@ def test_download_runs_the_downloader_with_the_flags(tmp_path, capfd, monkeypatc
     assert "1 submodule(s)" in out and "embed" in out  # the script reports what it fetched
     status, _, err = run_cli(capfd, "download", "--source", "ftp")
     assert_one_line_error(status, err, "invalid choice: 'ftp'", code=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Live metrics: every recipe logs loss, L0, FVU and dead %
+# --------------------------------------------------------------------------------------------
+
+
+def recipe_config(name, d=16, f=64):
+    config = {"trainer": name, "activation_dim": d, "dict_size": f, "warmup_steps": 0, "seed": 0}
+    if "TopK" in name:
+        config.update(k=4, **({} if "Transcoder" in name else {"threshold_start_step": 5}))
+    if "JumpRelu" in name:
+        config["sparsity_warmup_steps"] = 5
+    if name == "MatryoshkaBatchTopKTrainer":
+        config["group_fractions"] = [0.25, 0.75]
+    if "Anneal" in name:
+        config["anneal_start"] = 5
+    return config
+
+
+@pytest.mark.parametrize("name", __import__("dictionary_learning.registry", fromlist=["x"]).recipe_names())
+def test_every_recipe_reports_l0_and_fvu_of_the_batch_it_trained_on(name):
+    import copy
+
+    from dictionary_learning.evaluation import fvu
+    from dictionary_learning.training import build_trainer
+
+    trainer = build_trainer(recipe_config(name), steps=40)
+    generator = torch.Generator().manual_seed(0)
+    batch = lambda: torch.randn(64, 16, generator=generator) * 2 + 1  # noqa: E731
+    pair = lambda: (batch(), batch())  # noqa: E731
+    transcoder = "Transcoder" in name
+    trainer.update(0, pair() if transcoder else batch())
+    x = pair() if transcoder else batch()
+    before = copy.deepcopy(trainer.ae)
+    metrics = trainer.update(1, x)
+    assert {"loss", "l0", "fvu", "mse_loss"} <= set(metrics), name
+    inputs, target = x if transcoder else (x, x)
+    if name in ("StandardTrainer", "StandardTrainerAprilUpdate", "PAnnealTrainer", "GatedSAETrainer",
+                "GatedAnnealTrainer", "JumpReluTrainer", "TopKTrainer", "TranscoderTrainer"):
+        with torch.no_grad():  # the step's loss saw the weights before its update: the same x̂ and features
+            features = before.encode(inputs)
+            reconstruction = before.decode(features) + (before.skip_term(inputs) if transcoder else 0)
+        assert float(metrics["fvu"]) == pytest.approx(fvu(target, reconstruction), rel=1e-4)
+        assert float(metrics["l0"]) == pytest.approx(float((features != 0).sum(-1).float().mean()), rel=1e-5)
+    else:
+        assert 0 < float(metrics["fvu"]) < 10 and 0 < float(metrics["l0"]) <= 64
+    trainer.full_metrics = False  # trainSAE's setting for steps it neither logs nor shows: no extra pass
+    assert ("fvu" in trainer.update(2, x)) == (name in ("TranscoderTrainer", "TopKTranscoderTrainer",
+                                                        "JumpReluTranscoderTrainer"))
+
+
+def test_the_log_and_the_bar_show_loss_l0_fvu_and_dead_and_a_run_inside_warmup_warns(tmp_path):
+    from dictionary_learning import trainSAE
+    from dictionary_learning.training import _postfix  # noqa: the bar's text, checked on its own
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(128, 16, generator=generator) for _ in range(6)]
+    with pytest.warns(UserWarning, match=r"ended after 6 steps, inside the learning-rate warmup of trainer 1 "
+                                         r"\(TopKTrainer, warmup_steps=50\)"):
+        trainSAE(iter(batches), trainer_configs=[{**recipe_config("StandardTrainer"), "warmup_steps": 2},
+                                                 {**recipe_config("TopKTrainer"), "warmup_steps": 50}],
+                 save_dir=tmp_path, log_steps=3, progress=False)
+    for i in range(2):
+        records = [json.loads(line) for line in (tmp_path / f"trainer_{i}" / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 3, 6]
+        assert all({"loss", "l0", "fvu", "dead_pct"} <= set(r) for r in records)
+        assert all(0 <= r["dead_pct"] <= 100 for r in records)
+    assert _postfix([{"loss": 0.5, "l0": 31.25, "fvu": 0.0874, "dead_pct": 1.25}]) == \
+        "loss 0.5, L0 31.2, FVU 0.087, dead 1.2%"
+    assert _postfix([{"loss": 0.5, "l0": 12, "fvu": 0.1, "dead_pct": 0.0},
+                     {"loss": 0.7, "l0": 64, "fvu": 0.05, "dead_pct": 3.0}]) == \
+        "loss 0.5–0.7, L0 12–64, FVU 0.050–0.100, dead 0.0–3.0%"
+
+
+def test_dead_fraction_counts_latents_silent_for_the_window_or_since_the_start():
+    from dictionary_learning.trainers.base import DeadLatentTracker
+
+    tracker = DeadLatentTracker(4, "cpu")
+    tracker.update(torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0]]))  # latents 2, 3 never fired
+    assert tracker.dead_fraction(1, window_tokens=100) == 0.5
+    for _ in range(3):
+        tracker.update(torch.tensor([[0, 1.0, 0, 0], [0, 0, 0, 0]]))  # latent 0 silent for 6 tokens
+    assert tracker.dead_fraction(4, window_tokens=100) == 0.5
+    assert tracker.dead_fraction(4, window_tokens=6) == 0.75
