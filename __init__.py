@@ -22,6 +22,7 @@ from .dictionary import (
     Transcoder,
 )
 from .evaluation import MetricAccumulator, evaluate, evaluate_sweep, format_table, fvu, loss_recovered, tensor_metrics
+from .hub import push_to_hub
 from .interop import load_dictionary, load_saelens, save_saelens
 from .synthetic import (
     HierarchicalActivations,
@@ -35,6 +36,7 @@ from .synthetic import (
 from .trainers.base import ConstrainedAdam
 from .training import trainSAE
 from .utils import hf_dataset_to_generator, keep_freed_cpu_memory, zst_to_generator
+from .workflow import TrainRunConfig, train_from_config
 
 __version__ = "0.3.0"
 
@@ -57,6 +59,7 @@ __all__ = [
     "SyntheticActivations",
     "TopKTranscoder",
     "Transcoder",
+    "TrainRunConfig",
     "dictionary_directions",
     "evaluate",
     "evaluate_sweep",
@@ -72,9 +75,11 @@ __all__ = [
     "loss_recovered",
     "mean_correlation_coefficient",
     "mean_max_cosine_similarity",
+    "push_to_hub",
     "save_saelens",
     "stdlib_text_stream",
     "tensor_metrics",
     "trainSAE",
+    "train_from_config",
     "zst_to_generator",
 ]

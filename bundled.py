@@ -15,6 +15,7 @@ same text, split the same way, as the default data stream for `ActivationBuffer`
 """
 from __future__ import annotations
 
+import functools
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -44,11 +45,7 @@ def stdlib_source_files(split: str = "train") -> list[Path]:
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}; pass split='train' or 'heldout'.")
     root = stdlib_root()
-    relative_paths = sorted(
-        path.relative_to(root)
-        for path in root.rglob("*.py")
-        if not EXCLUDED_FOLDERS.intersection(path.relative_to(root).parts[:-1])
-    )
+    relative_paths = _sorted_sources(root)
     if not relative_paths:
         raise FileNotFoundError(
             f"found no *.py files under the standard library folder {str(root)!r}; this Python "
@@ -58,6 +55,17 @@ def stdlib_source_files(split: str = "train") -> list[Path]:
     return [
         root / rel for i, rel in enumerate(relative_paths) if (i % HELDOUT_EVERY == 0) == keep_heldout
     ]
+
+
+@functools.lru_cache(maxsize=4)
+def _sorted_sources(root: Path) -> tuple[Path, ...]:
+    """The relative paths of the `*.py` files under `root` outside EXCLUDED_FOLDERS, sorted (the
+    walk is cached: the standard library does not change while a process runs)."""
+    return tuple(sorted(
+        path.relative_to(root)
+        for path in root.rglob("*.py")
+        if not EXCLUDED_FOLDERS.intersection(path.relative_to(root).parts[:-1])
+    ))
 
 
 def read_source(path: Path) -> str:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator
 
 from .dataclass_args import ConfigError, add_arguments, build, closest, field_docs, flag_values
 from .published import DownloadConfig, download_published
-from .run_config import TrainRunConfig, recipe_hyperparameters, resolve_run_config
+from .plots import PlotConfig, plot_runs
+from .run_config import TrainRunConfig, recipe_hyperparameters, recipe_label, resolve_run_config
 from .workflow import (RUN_CONFIG_FILE, EvalConfig, ExportConfig, TrainResult, evaluate_runs, export_dictionaries,
                        read_run_config, train_from_config)
 
@@ -45,15 +46,6 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
-def _recipe_label(config: dict[str, Any]) -> str:
-    """A recipe with its sparsity setting, e.g. "TopKTrainer k=32" or "StandardTrainer λ=3"."""
-    name = config["trainer"]
-    for key, label in (("k", "k"), ("target_l0", "target_l0"), ("sparsity_penalty", "λ")):
-        if config.get(key) is not None:
-            return f"{name} {label}={config[key]:g}"
-    return name
-
-
 def _last_log_record(folder: Path) -> dict[str, Any]:
     lines = (folder / "log.jsonl").read_text().splitlines() if (folder / "log.jsonl").exists() else []
     for line in reversed(lines):
@@ -69,7 +61,7 @@ def train_summary(result: TrainResult) -> str:
     evaluated = {row["folder"]: row for row in result.evaluation}
     rows = []
     for folder, trainer in zip(result.folders, result.trainer_configs):
-        row = {"folder": folder.name, "site": trainer["site"], "recipe": _recipe_label(trainer),
+        row = {"folder": folder.name, "site": trainer["site"], "recipe": recipe_label(trainer),
                "dict_size": trainer["dict_size"]}
         if folder.name in evaluated:
             found = evaluated[folder.name]
@@ -104,7 +96,7 @@ def train_command(config: TrainRunConfig, argv: list[str]) -> int:
         transformers_logging.disable_progress_bar()  # the model's loading bar too
     if torch.device(config.device).type == "cpu":
         keep_freed_cpu_memory()  # a training process: reuse freed memory (utils.keep_freed_cpu_memory)
-    recipes = ", ".join(_recipe_label(recipe) for recipe in config.recipes)
+    recipes = ", ".join(recipe_label(recipe) for recipe in config.recipes)
     print(f"run folder: {config.save_dir}\n{config.model} on {config.device}, sites {' '.join(config.sites)} "
           f"({config.io}), data {config.dataset}; {config.steps or 'all the data'} steps of {config.batch_size}; "
           f"recipes: {recipes}", flush=True)
@@ -126,6 +118,12 @@ def export_command(config: ExportConfig, argv: list[str]) -> int:
     for folder in written:
         print(folder)
     print(f"exported {len(written)} dictionar{'y' if len(written) == 1 else 'ies'} as {config.format} to {config.out}")
+    return 0
+
+
+def plot_command(config: PlotConfig, argv: list[str]) -> int:
+    for path in plot_runs(config):
+        print(path)
     return 0
 
 
@@ -202,6 +200,8 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
     Command("eval", EvalConfig, eval_command,
             "score the dictionaries of run folders: site, recipe, L0, FVU, dead %, CE/KL recovered"),
     Command("export", ExportConfig, export_command, "write dictionaries in SAELens' format or as safetensors"),
+    Command("plot", PlotConfig, plot_command,
+            "PNGs of runs: loss, L0, FVU and dead % curves per trainer; the L0-FVU (and CE recovered) frontier"),
     Command("download", DownloadConfig, download_command,
             "download the published Pythia-70m-deduped dictionaries (pretrained_dictionary_downloader.sh)"),
     Command("recipes", RecipesConfig, recipes_command, "list the training recipes and their hyperparameters"),

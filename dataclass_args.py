@@ -247,7 +247,8 @@ def _argparse_type(annotation: Any, flag: str):
 
 def flag_values(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
     """The fields of `cls` given on the command line (present in the parsed `namespace`)."""
-    return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+    given = vars(namespace)  # not hasattr: a field may share its name with an attribute of every object
+    return {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}
 
 
 def check_keys(cls: type, values: Mapping[str, Any], where: str) -> None:

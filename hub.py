@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 __all__ = ["HubPath", "HubUnreachable", "HUB_TIMEOUT", "HF_SCHEME", "is_hub_path", "parse_hub_path", "hub_offline",
-           "check_model_on_hub", "check_dataset_on_hub", "fetch_dictionary", "fetch_run", "push_to_hub",
+           "check_model_on_hub", "check_dataset_on_hub", "fetch_dictionary", "fetch_weights", "fetch_run", "push_to_hub",
            "DICTIONARY_FILES", "RUN_FILES"]
 
 HF_SCHEME = "hf://"
@@ -158,7 +158,7 @@ def _download(hub: HubPath, filename: str) -> Path:
     import huggingface_hub
 
     return Path(_hub_call(f"{HF_SCHEME}{hub.repo_id}/{filename}", huggingface_hub.hf_hub_download, hub.repo_id,
-                          filename, revision=hub.revision))
+                          filename, revision=hub.revision, local_files_only=hub_offline()))
 
 
 def _config_folder(weights: PurePosixPath) -> PurePosixPath:
@@ -218,6 +218,18 @@ def fetch_dictionary(url: str) -> Path:
         raise FileNotFoundError(f"{url} is not in the local Hub cache, and HF_HUB_OFFLINE is set: unset it to "
                                 "download, or pass a local path")
     return local
+
+
+def fetch_weights(url: str) -> Path:
+    """The local weights file of the dictionary at `url`: the file itself, or the weights of the
+    folder it names (ae.pt, ae.safetensors or SAELens' sae_weights.safetensors)."""
+    local = fetch_dictionary(url)
+    if local.is_file():
+        return local
+    for name in ("ae.pt", "ae.safetensors", "sae_weights.safetensors"):
+        if (local / name).is_file():
+            return local / name
+    raise FileNotFoundError(f"{url}: no weights file (ae.pt, ae.safetensors, sae_weights.safetensors) there")
 
 
 def _prefix(path: str) -> str:

@@ -27,7 +27,7 @@ from .registry import recipe_class, recipe_names
 from .runs import current_field_names
 from .trainers.base import config_field_names
 
-__all__ = ["TrainRunConfig", "parse_recipe", "recipe_by_name", "resolve_run_config", "recipe_hyperparameters",
+__all__ = ["TrainRunConfig", "parse_recipe", "expand_grid", "recipe_by_name", "recipe_label", "resolve_run_config", "recipe_hyperparameters",
            "RUN_FILLED_FIELDS", "SCHEDULE_CAPS", "DEFAULT_RECIPE"]
 
 DEFAULT_RECIPE = "StandardTrainer:sparsity_penalty=3.0,lr=0.001"
@@ -72,7 +72,8 @@ class TrainRunConfig:
     """read each site's output, its input, or (input, output) pairs for transcoders."""
     recipes: list[str | dict] = field(default_factory=lambda: [DEFAULT_RECIPE],
                                       metadata={"flag": "--recipe", "append": True, "metavar": "NAME:KEY=VALUE,..."})
-    """a recipe and its hyperparameters, e.g. 'TopKTrainer:k=32,dict_size=4096'; repeat the flag for a sweep ('python
+    """a recipe and its hyperparameters, e.g. 'TopKTrainer:k=32,dict_size=4096'; repeat the flag, or write values
+    a|b|c (a grid: one recipe per value), for a sweep ('python
     -m dictionary_learning recipes' lists recipes and hyperparameters)."""
     expansion_factor: int = 8
     """dict_size of every recipe that sets none: this times the site's width."""
@@ -164,6 +165,20 @@ def _split_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name.strip(), values
 
 
+def expand_grid(spec: str | Mapping[str, Any]) -> list[str | Mapping[str, Any]]:
+    """The recipes a spec stands for: values written `a|b|c` give one recipe per value, and several
+    such keys their product, e.g. "TopKTrainer:k=16|32,dict_size=2048|4096" is four recipes. A dict
+    (or a spec without '|') is one recipe."""
+    if not isinstance(spec, str) or "|" not in spec:
+        return [spec]
+    name, values = _split_spec(spec)
+    recipes = [""]
+    for key, value in values.items():
+        recipes = [f"{done},{key}={option}" if done else f"{key}={option}" for done in recipes
+                   for option in value.split("|")]
+    return [f"{name}:{recipe}" for recipe in recipes]
+
+
 def parse_recipe(spec: str | Mapping[str, Any]) -> dict[str, Any]:
     """A recipe as trainSAE's config dict {"trainer": name, hyperparameter: value, ...}, from a spec
     string "NAME:key=value,..." or a dict with a "trainer" key. Names and values are checked
@@ -189,6 +204,15 @@ def parse_recipe(spec: str | Mapping[str, Any]) -> dict[str, Any]:
                               f"hyperparameters: {', '.join(fields)})")
         recipe[key] = convert(value, fields[key], f"recipe {trainer}: {key}")
     return recipe
+
+
+def recipe_label(config: Mapping[str, Any]) -> str:
+    """A recipe with its sparsity setting, e.g. "TopKTrainer k=32" or "StandardTrainer λ=3"."""
+    name = config["trainer"]
+    for key, label in (("k", "k"), ("target_l0", "target_l0"), ("sparsity_penalty", "λ")):
+        if isinstance(config.get(key), (int, float)):
+            return f"{name} {label}={config[key]:g}"
+    return name
 
 
 def _default_save_dir() -> str:
@@ -263,7 +287,8 @@ def resolve_run_config(config: TrainRunConfig) -> TrainRunConfig:
         raise ConfigError(f"the buffer (n_ctxs * ctx_len = {config.n_ctxs * config.ctx_len} activations) must hold at "
                           f"least two batches of batch_size={config.batch_size}; raise n_ctxs or lower batch_size")
     log_steps = config.log_steps or (max(1, steps // 100) if steps else 100)
-    recipes = [_sized_to_run(parse_recipe(recipe), steps, config.target_l0) for recipe in config.recipes]
+    recipes = [_sized_to_run(parse_recipe(recipe), steps, config.target_l0)
+               for spec in config.recipes for recipe in expand_grid(spec)]
     bad_saves = [s for s in config.save_steps if s < 1 or (steps is not None and s > steps)]
     if bad_saves:
         raise ConfigError(f"save_steps {bad_saves} are outside the run (1..{steps})")

@@ -28,7 +28,7 @@ from .run_config import TrainRunConfig, resolve_run_config
 
 __all__ = ["TrainRunConfig", "train_from_config", "TrainResult", "load_language_model", "text_stream",
            "RUN_CONFIG_FILE", "EVAL_FILE", "read_run_config", "EvalConfig", "evaluate_runs", "ExportConfig",
-           "export_dictionaries", "BUNDLED"]
+           "export_dictionaries", "BUNDLED", "local_run_folder"]
 
 BUNDLED = "bundled"
 STDLIB = "stdlib"
@@ -69,9 +69,6 @@ def load_language_model(name: str, device: str = "cpu", dtype: Any = None):
         from .bundled import load_bundled_model
 
         return load_bundled_model(device=device, dtype=dtype)
-    from nnsight import TransformersModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -91,6 +88,9 @@ def load_language_model(name: str, device: str = "cpu", dtype: Any = None):
 
         check_model_on_hub(name)
         source = name
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -276,9 +276,10 @@ def train_from_config(config: TrainRunConfig, argv: list[str] | None = None) -> 
         import torch
 
         torch.set_num_threads(config.threads)
-    model = load_language_model(config.model, config.device, config.dtype)
+    # the text first: a dataset that does not exist fails before the model loads
     data = text_stream(config.dataset, "train", config.text_field, config.dataset_split,
                        chunk_chars=CHARS_PER_TOKEN * config.ctx_len)
+    model = load_language_model(config.model, config.device, config.dtype)
     buffer = ActivationBuffer(data, model, submodules=config.sites, io=config.io, n_ctxs=config.n_ctxs,
                               ctx_len=config.ctx_len, refresh_batch_size=config.refresh_batch_size,
                               out_batch_size=config.batch_size, device=config.device, seed=config.seed,
@@ -375,7 +376,8 @@ def _run_record(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def _local_folder(path: str) -> Path:
+def local_run_folder(path: str) -> Path:
+    """A local folder for `path`: itself, or the local copy of an hf:// run (hub.fetch_run)."""
     from .hub import fetch_run, is_hub_path
 
     if is_hub_path(path):
@@ -402,7 +404,7 @@ def evaluate_runs(config: EvalConfig) -> list[dict[str, Any]]:
     device = str(check_device(device, "device"))
     rows: list[dict[str, Any]] = []
     for path in config.paths:
-        root = _local_folder(path)
+        root = local_run_folder(path)
         folders = [Path(f) for f in get_nested_folders(root)]
         if not folders:
             raise FileNotFoundError(f"no dictionary under {path!r} (no folder holding ae.pt and config.json)")
@@ -464,7 +466,7 @@ def export_dictionaries(config: ExportConfig) -> list[Path]:
     """Write every dictionary under `config.path` in `config.format`; returns the folders written."""
     from .interop import get_nested_folders, load_dictionary, save_saelens
 
-    root = _local_folder(config.path)
+    root = local_run_folder(config.path)
     folders = [Path(f) for f in get_nested_folders(root)]
     if not folders:
         raise FileNotFoundError(f"no dictionary under {config.path!r} (no folder holding ae.pt and config.json)")

@@ -349,14 +349,14 @@ def test_download_runs_the_downloader_with_the_flags(tmp_path, capfd, monkeypatc
     monkeypatch.setenv("DL_TREE_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
     try:
         status, out, err = run_cli(capfd, "download", "--layers", "embed", "--source", "tree", "--dir",
-                                   str(tmp_path / "dicts"), "--expect-shape", "16,64")
+                                   str(tmp_path / "dicts"), "--expect-shape", "16,64", "--no-verify")
     finally:
         server.shutdown()
         server.server_close()
     assert status == 0, err
     downloaded = tmp_path / "dicts" / "pythia-70m-deduped" / "embed" / "10_32768" / "ae.pt"
     assert downloaded.read_bytes() == (served / "ae.pt").read_bytes()
-    assert "1 submodule(s)" in out and "embed" in out  # the script reports what it fetched
+    assert "1 submodule(s)" in out and "embed" in out  # the script reports what it fetched (its own tests check it)
     status, _, err = run_cli(capfd, "download", "--source", "ftp")
     assert_one_line_error(status, err, "invalid choice: 'ftp'", code=2)
 
@@ -444,3 +444,56 @@ def test_dead_fraction_counts_latents_silent_for_the_window_or_since_the_start()
         tracker.update(torch.tensor([[0, 1.0, 0, 0], [0, 0, 0, 0]]))  # latent 0 silent for 6 tokens
     assert tracker.dead_fraction(4, window_tokens=100) == 0.5
     assert tracker.dead_fraction(4, window_tokens=6) == 0.75
+
+
+# --------------------------------------------------------------------------------------------
+# plot
+# --------------------------------------------------------------------------------------------
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.mark.slow
+def test_plot_writes_the_curves_of_each_run_and_the_frontier_of_all(trained_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the optional 'plot' extra
+    from dictionary_learning.plots import _frontier_points  # noqa: the points the frontier draws
+
+    status, out, _ = run_cli(capsys, "plot", str(trained_run), str(trained_run / "trainer_1"), "--out",
+                             str(tmp_path / "plots"), "--dpi", "50")
+    assert status == 0
+    written = [Path(line) for line in out.splitlines()]
+    assert [p.name for p in written] == ["run_curves.png", "trainer_1_curves.png", "frontier.png"]
+    for path in written:
+        width, height = png_size(path)
+        assert width > 200 and height > 150
+    points, evaluated = _frontier_points([trained_run])
+    rows = json.loads((trained_run / "eval.json").read_text())["rows"]
+    assert evaluated and [(p["recipe"], p["l0"], p["fvu"], p["ce_recovered"]) for p in points] == \
+        [(r["trainer"], r["l0"], r["fvu"], r["ce_recovered"]) for r in rows]
+    assert [p["label"] for p in points] == ["StandardTrainer λ=3", "TopKTrainer k=16"]
+
+
+def test_plot_without_matplotlib_or_logs_is_one_line(tmp_path, capsys, monkeypatch):
+    status, _, err = run_cli(capsys, "plot", str(tmp_path))
+    assert_one_line_error(status, err, "holds no log.jsonl", code=1)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+    status, _, err = run_cli(capsys, "plot", str(tmp_path))
+    assert_one_line_error(status, err, "plot needs matplotlib: pip install matplotlib", code=1)
+
+
+@pytest.mark.slow
+def test_the_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    (code,) = re.findall(r"<!-- example: cli -->\n```python\n(.*?)```", readme, re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md example cli", "exec"), {"__name__": "readme_example"})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["TopKTrainer", "BatchTopKTrainer"]
+    assert lines[0].split()[1] == "16" and 0 < int(lines[1].split()[1]) < 64  # BatchTopK: its learned threshold
+    assert json.loads((tmp_path / "runs" / "python_api" / "run_config.json").read_text())["command"] is None
