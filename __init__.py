@@ -26,6 +26,7 @@ from .dictionary import (
 )
 from .evaluation import MetricAccumulator, evaluate, evaluate_sweep, format_table, fvu, loss_recovered, tensor_metrics
 from .feature_stats import FeatureStats, collect_features
+from .hub import push_to_hub
 from .interop import load_dictionary, load_saelens, save_saelens
 from .synthetic import (
     HierarchicalActivations,
@@ -39,6 +40,7 @@ from .synthetic import (
 from .trainers.base import ConstrainedAdam
 from .training import trainSAE
 from .utils import hf_dataset_to_generator, keep_freed_cpu_memory, zst_to_generator
+from .workflow import TrainRunConfig, train_from_config
 
 __version__ = "0.3.0"
 
@@ -63,6 +65,7 @@ __all__ = [
     "SyntheticActivations",
     "TopKTranscoder",
     "Transcoder",
+    "TrainRunConfig",
     "cache_activations",
     "collect_features",
     "dashboard",
@@ -82,9 +85,11 @@ __all__ = [
     "mean_correlation_coefficient",
     "mean_max_cosine_similarity",
     "render_dashboard",
+    "push_to_hub",
     "save_saelens",
     "stdlib_text_stream",
     "tensor_metrics",
     "trainSAE",
+    "train_from_config",
     "zst_to_generator",
 ]

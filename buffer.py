@@ -26,6 +26,7 @@ import itertools
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .checks import as_dtype
 from .sites import Site, layer_of, site_reader
@@ -64,6 +65,7 @@ class ActivationBuffer:
             whose rows come from the same tokens at every site.
         tokenizer: the tokenizer of a plain torch model (an nnsight model brings its own).
         add_special_tokens: let the tokenizer add its special tokens (e.g. a BOS), as by default.
+        progress: show a progress bar while the first fill takes longer than FILL_BAR_DELAY seconds.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class ActivationBuffer:
         submodules: Any = None,
         tokenizer: Any = None,
         add_special_tokens: bool = True,
+        progress: bool = True,
     ):
         _check_arguments(data, n_ctxs, ctx_len, refresh_batch_size, out_batch_size)
         dtype = as_dtype(dtype)
@@ -109,6 +112,7 @@ class ActivationBuffer:
         self.out_batch_size = out_batch_size
         self.remove_bos = remove_bos
         self.add_special_tokens = bool(add_special_tokens)
+        self.progress = bool(progress)
         if out_batch_size > self.capacity // 2:
             raise ValueError(
                 f"out_batch_size={out_batch_size} is more than half the buffer "
@@ -208,16 +212,20 @@ class ActivationBuffer:
         """Overwrite every read (or empty) slot with new activations, then reshuffle all rows."""
         free = torch.cat([self._free, self._order[: self._next]])
         filled = 0
-        while filled < len(free):
-            reads = self._next_rows()
-            if reads is None:
-                break
-            n = min(len(reads[0]), len(free) - filled)
-            slots = free[filled : filled + n]
-            for (start, end), rows in zip(self._columns, reads):  # each read into its columns of the block
-                self._storage[:, start:end].index_copy_(0, slots, rows[:n])
-            self._overflow = [rows[n:] for rows in reads] if n < len(reads[0]) else None
-            filled += n
+        first_fill = len(self._order) == 0
+        with tqdm(total=len(free), desc="filling the activation buffer", unit="act", leave=False, delay=FILL_BAR_DELAY,
+                  disable=not (self.progress and first_fill), dynamic_ncols=True) as bar:
+            while filled < len(free):
+                reads = self._next_rows()
+                if reads is None:
+                    break
+                n = min(len(reads[0]), len(free) - filled)
+                slots = free[filled : filled + n]
+                for (start, end), rows in zip(self._columns, reads):  # each read into its columns of the block
+                    self._storage[:, start:end].index_copy_(0, slots, rows[:n])
+                self._overflow = [rows[n:] for rows in reads] if n < len(reads[0]) else None
+                filled += n
+                bar.update(n)
         held = torch.cat([self._order[self._next :], free[:filled]])
         self._free = free[filled:]
         self._order = held[torch.randperm(len(held), generator=self._generator, device=self.device)]
@@ -346,6 +354,8 @@ class ActivationBuffer:
         return config
 
 
+FILL_BAR_DELAY = 2.0
+"""Seconds the first fill of a buffer runs before its progress bar appears (quick fills show none)."""
 CHARS_PER_TOKEN = 32
 """Texts are cut to this many characters per token of ctx_len before tokenizing (and cut longer
 when that gives fewer than ctx_len tokens)."""

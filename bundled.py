@@ -15,6 +15,7 @@ same text, split the same way, as the default data stream for `ActivationBuffer`
 """
 from __future__ import annotations
 
+import functools
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -44,11 +45,7 @@ def stdlib_source_files(split: str = "train") -> list[Path]:
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}; pass split='train' or 'heldout'.")
     root = stdlib_root()
-    relative_paths = sorted(
-        path.relative_to(root)
-        for path in root.rglob("*.py")
-        if not EXCLUDED_FOLDERS.intersection(path.relative_to(root).parts[:-1])
-    )
+    relative_paths = _sorted_sources(root)
     if not relative_paths:
         raise FileNotFoundError(
             f"found no *.py files under the standard library folder {str(root)!r}; this Python "
@@ -60,12 +57,23 @@ def stdlib_source_files(split: str = "train") -> list[Path]:
     ]
 
 
+@functools.lru_cache(maxsize=4)
+def _sorted_sources(root: Path) -> tuple[Path, ...]:
+    """The relative paths of the `*.py` files under `root` outside EXCLUDED_FOLDERS, sorted (the
+    walk is cached: the standard library does not change while a process runs)."""
+    return tuple(sorted(
+        path.relative_to(root)
+        for path in root.rglob("*.py")
+        if not EXCLUDED_FOLDERS.intersection(path.relative_to(root).parts[:-1])
+    ))
+
+
 def read_source(path: Path) -> str:
     """A source file's text, decoded as UTF-8 (undecodable bytes become U+FFFD)."""
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def _line_aligned_chunks(text: str, chunk_chars: int) -> Iterator[str]:
+def line_aligned_chunks(text: str, chunk_chars: int) -> Iterator[str]:
     """Consecutive pieces of `text`, each at most `chunk_chars` long, cut after a newline when
     the window has one; whitespace-only pieces are skipped."""
     start = 0
@@ -110,7 +118,7 @@ def _stream_chunks(
         if shuffle_seed is not None:
             random.Random(shuffle_seed * 1_000_003 + epoch).shuffle(order)
         for path in order:
-            yield from _line_aligned_chunks(read_source(path), chunk_chars)
+            yield from line_aligned_chunks(read_source(path), chunk_chars)
         if not repeat:
             return
         epoch += 1

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from . import kernels
 from .checks import as_dtype
 from .files import load_state_dict
+from .hub import fetch_weights, is_hub_path
 from .kernels import GatedEncode, SparseCodes
 from .reference_names import LinearView, assign, reference_attributes
 from .saebench import DictionaryConfig
@@ -271,13 +272,16 @@ class Dictionary(nn.Module, ABC):
         normalize_decoder: bool = False,
         **kwargs,
     ) -> "Dictionary":
-        """Load a dictionary from a `.pt` state_dict (torch.save) or a `.safetensors` file.
+        """Load a dictionary from a `.pt` state_dict (torch.save) or a `.safetensors` file (a local
+        path, or `hf://OWNER/REPO/path/to/ae.pt` on the Hugging Face Hub, or the folder holding it).
 
         Shapes are inferred from the weights. `dtype` casts floating-point tensors; `device` moves
         them; either works alone. `normalize_decoder=True` (the reference's default; ours keeps
         the weights as saved) calls `normalize_decoder()` on classes that have it.
         """
         dtype = as_dtype(dtype)
+        if is_hub_path(path):
+            path = fetch_weights(path)
         state_dict = load_state_dict(path)
         try:
             dictionary = cls.from_state_dict(state_dict, **kwargs)

@@ -571,7 +571,8 @@ def evaluate_sweep(
     site and recipe, and its L0, FVU, % dead, and (with an nnsight buffer) CE/KL recovered.
 
     Every dictionary is scored on the same `n_batches` batches of `activations` (an ActivationBuffer,
-    with several sites or one; each dictionary reads the site its folder's config names) and, for the
+    with several sites or one; each dictionary reads the site its folder's config names, else the site
+    named by its submodule path) and, for the
     language-model metrics, on the same `batch_size` texts spliced at its folder's submodule.
     """
     from .interop import get_nested_folders, load_dictionary
@@ -589,6 +590,8 @@ def evaluate_sweep(
         dictionary, config = load_dictionary(path)
         trainer, buffer = config.get("trainer", {}), config.get("buffer") or {}
         site = trainer.get("site")
+        if site is None and isinstance(batches[0], dict) and buffer.get("submodule") in batches[0]:
+            site = buffer["submodule"]  # a one-site run's folder, evaluated with a buffer of several sites
         stream = [batch[site if site is not None else next(iter(batch))] if isinstance(batch, dict) else batch
                   for batch in batches]
         metrics = evaluate(dictionary, stream, n_batches=len(stream), normalize_batch=normalize_batch)

@@ -49,6 +49,7 @@ import torch
 from .dictionary import Dictionary
 from .checks import as_dtype
 from .files import atomic_write, atomic_write_json, load_state_dict, read_json_object
+from .hub import fetch_dictionary, is_hub_path
 from .normalization import RUN_TIME_NORMALIZATIONS, RunTimeNormalized
 from .registry import ARCHITECTURES, Architecture, architecture, infer_architecture, saelens_architecture
 from .saebench import DictionaryConfig, config_from_run
@@ -100,6 +101,8 @@ def _dictionary_files(path: Path) -> tuple[Path, Path]:
     """(weights file, config.json) for a trainer folder, its ae.pt, or one of its checkpoints."""
     if path.is_dir():
         config_path, weights = path / "config.json", path / "ae.pt"
+        if not weights.exists() and (path / "ae.safetensors").exists():
+            weights = path / "ae.safetensors"
         if not config_path.exists():
             raise FileNotFoundError(
                 f"{str(path)!r} has no config.json: pass a trainer folder (one holding ae.pt and "
@@ -135,14 +138,18 @@ def load_dictionary(
     """Load a saved dictionary and its config: returns (dictionary, config).
 
     `path`: a trainer folder (`ae.pt` + `config.json`, as written by trainSAE or by
-    saprmarks/dictionary_learning), its `ae.pt`, a checkpoint `checkpoints/ae_STEP.pt` (read with
-    the folder's config.json), or a SAELens folder (`cfg.json` + `sae_weights.safetensors`).
+    saprmarks/dictionary_learning; or `ae.safetensors` + `config.json`), its `ae.pt`, a checkpoint
+    `checkpoints/ae_STEP.pt` (read with the folder's config.json), a SAELens folder (`cfg.json` +
+    `sae_weights.safetensors`), or any of these on the Hugging Face Hub as
+    `hf://OWNER/REPO/path/to/folder` (downloaded into the Hub cache: hub.py).
     The class is `config["trainer"]["dict_class"]` (recognised from the weights when absent). The
     dictionary's `cfg` (SAEBench's) says what config.json records: model, hook point, layer, context size.
     `normalize_decoder`: a dictionary whose decoder directions are not unit-norm has the norms
     moved into its encoder where that keeps x̂ (AutoEncoder.normalize_decoder), as the reference
     loader does.
     """
+    if is_hub_path(path):
+        path = fetch_dictionary(path)
     path, dtype = Path(path), as_dtype(dtype)
     if path.is_dir() and (path / SAELENS_CONFIG_FILE).exists() and not (path / "config.json").exists():
         return load_saelens(path, device=device, dtype=dtype)

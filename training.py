@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import os
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -603,6 +604,8 @@ def trainSAE(
                     warnings.warn(f"trainSAE: the data ran out after {steps_done} of steps={steps} batches; the "
                                   f"dictionaries trained {steps_done} steps (recorded as steps_done in config.json), "
                                   "with LR and sparsity schedules planned for steps", stacklevel=2)
+                if replicas.rank == 0:
+                    _warn_if_inside_warmup(trainers, steps_done)
                 trained = run.finish(steps_done, scales)
                 replicas.all_true(True)  # every rank returns once rank 0 has written the final files
             finally:
@@ -696,6 +699,17 @@ def _all_ranks_start(replicas: Replicas):
         rank, message = failed[0]
         raise RuntimeError(f"trainSAE: rank {rank} of {replicas.size} could not start the run ({message}); every "
                            "rank stops")
+
+
+def _warn_if_inside_warmup(trainers: Sequence[SAETrainer], steps_done: int) -> None:
+    """A run that ended before a trainer's LR warmup did never trained at its learning rate: say so."""
+    inside = [(index, trainer) for index, trainer in enumerate(trainers) if steps_done < trainer.cfg.warmup_steps]
+    if inside:
+        which = ", ".join(f"{index} ({type(trainer).__name__}, warmup_steps={trainer.cfg.warmup_steps})"
+                          for index, trainer in inside)
+        warnings.warn(f"trainSAE: the run ended after {steps_done} steps, inside the learning-rate warmup of trainer "
+                      f"{which}: the LR never reached its full value. Train for more steps (more data, or steps=) or "
+                      "lower warmup_steps", stacklevel=3)
 
 
 def _claim(save_dir, resume_from: Path | None, overwrite: bool) -> RunLock | None:
@@ -812,6 +826,7 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
     skipped_in_a_row = [0] * len(trainers)
     batch = None
     bar = tqdm(total=settings.steps, initial=step, desc="trainSAE", disable=not progress, dynamic_ncols=True)
+    shown_at = time.monotonic()
     with bar:
         for batch in batches:
             if settings.steps is not None and step >= settings.steps:
@@ -820,6 +835,10 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
                 batch = plan.exchange(batch)  # the global batches of this rank's sites
             inputs = {}  # one converted copy of each stream per device
             metrics = []
+            logs = settings.log_steps is not None and ((step + 1) % settings.log_steps == 0 or step == 0)
+            shows = not bar.disable and plan is None and time.monotonic() - shown_at >= POSTFIX_SECONDS
+            for trainer in trainers:
+                trainer.full_metrics = logs or shows
             for index, (trainer, autocast) in enumerate(zip(trainers, autocasts)):
                 if not active[index]:
                     metrics.append(None)
@@ -840,12 +859,17 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
                 elif replicas.distributed:
                     rows = [_rows(inputs[(_stream_key(trainer), trainer.device)]) for trainer in trainers]
                     metrics = _global_metrics(metrics, rows, replicas)
-                logged = run.log(step, metrics)
-                bar.set_postfix(loss=f"{logged[0].get('loss', float('nan')):.4g}")
+                logged = run.log(step, metrics if plan is not None else _with_dead_pct(metrics, trainers, step))
+                bar.set_postfix_str(_postfix(logged), refresh=False)
+                shown_at = time.monotonic()
                 if verbose:
                     for index, record in enumerate(logged):
                         bar.write(f"step {step} trainer {index}: " +
                                   ", ".join(f"{key} {value:.4g}" for key, value in record.items()))
+            elif shows:
+                current = [{key: float(value) for key, value in m.items()} for m in metrics]
+                bar.set_postfix_str(_postfix(_with_dead_pct(current, trainers, step)), refresh=False)
+                shown_at = time.monotonic()
             if step in settings.save_steps:
                 _check_weights(trainers, step, settings, run, batch, active)
                 run.checkpoint(step, scales)
@@ -854,6 +878,34 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
                 run.backup(step, scales)
     _check_weights(trainers, step, settings, run, batch, active)
     return step
+
+
+DEAD_WINDOW_TOKENS = 1_000_000
+"""The progress bar's and log's dead %: latents that have not fired in this many training tokens (or
+not at all yet, early in a run)."""
+POSTFIX_SECONDS = 1.0
+"""Between log steps, the progress bar shows the current batch's metrics at most this often."""
+
+
+def _with_dead_pct(metrics: Sequence[dict[str, Any]], trainers: Sequence[SAETrainer], step: int) -> list[dict]:
+    """Each trainer's metrics with `dead_pct`, the percentage of its latents that are dead (see
+    DEAD_WINDOW_TOKENS) after `step` steps."""
+    return [{**m, "dead_pct": 100.0 * trainer.dead_tracker.dead_fraction(step, DEAD_WINDOW_TOKENS)}
+            for m, trainer in zip(metrics, trainers)]
+
+
+def _postfix(records: Sequence[dict[str, float]]) -> str:
+    """The progress bar's metrics: loss, L0, FVU and dead % of one trainer, or their ranges over a sweep."""
+    shown = []
+    for key, label, form in (("loss", "loss", ".4g"), ("l0", "L0", ".3g"), ("fvu", "FVU", ".3f"),
+                             ("dead_pct", "dead", ".1f")):
+        values = [record[key] for record in records if record is not None and key in record]
+        if not values:
+            continue
+        low, high = min(values), max(values)
+        text = f"{low:{form}}" if low == high else f"{low:{form}}–{high:{form}}"
+        shown.append(f"{label} {text}{'%' if key == 'dead_pct' else ''}")
+    return ", ".join(shown)
 
 
 def _step(index: int, trainer: SAETrainer, step: int, stream: Any, autocast, skipped_in_a_row: list[int],

@@ -217,6 +217,18 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
 # --- fault injection: kill -9 at random moments, resume bit-identical ----------------------------
 
 
+def wait_for_state(folder, steps, child, timeout=120):
+    """Wait until the child's run has saved its state after at least `steps` steps (or has ended)."""
+    deadline = time.monotonic() + timeout
+    while steps and child.poll() is None and time.monotonic() < deadline:
+        try:
+            if torch.load(folder / STATE_FILE, weights_only=True)["steps_done"] >= steps:
+                return
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.01)
+
+
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, child_script):
     n_batches = 24
     data, kwargs = child_run(n_batches)
@@ -227,7 +239,10 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, child_s
         folder = tmp_path / f"trial_{trial}"
         child = start_child(child_script, folder, n_batches, delay=0.01)
         assert child.stdout.readline().strip() == "started"
-        time.sleep(rng.uniform(0.0, 0.3))
+        # the moment: after a random number of saved states (whatever the machine's speed), then a
+        # random fraction of a step or two, so kills also land inside writes
+        wait_for_state(folder, rng.choice([0, 3, 6, 9, 12, 15, 18]), child)
+        time.sleep(rng.uniform(0.0, 0.05))
         child.send_signal(signal.SIGKILL)
         child.wait()
         if (folder / STATE_FILE).exists():

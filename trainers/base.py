@@ -212,6 +212,13 @@ class DeadLatentTracker:
         """[F] bool: not fired in at least `tokens` tokens."""
         return self.tokens_since_fired >= tokens
 
+    def dead_fraction(self, steps_done: int, window_tokens: int) -> float:
+        """The share of latents that have not fired in the last `window_tokens` tokens, or not at
+        all in the `steps_done` steps of training (which counts them early on, before the window
+        has passed)."""
+        dead = (self.tokens_since_fired >= window_tokens) | (self.steps_since_fired >= max(steps_done, 1))
+        return float(dead.float().mean())
+
     def state_dict(self) -> dict:
         return {"steps_since_fired": self.steps_since_fired, "tokens_since_fired": self.tokens_since_fired}
 
@@ -354,6 +361,24 @@ def resample_dead_latents_(
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def add_l0_and_fvu(metrics: dict[str, torch.Tensor], features: torch.Tensor | SparseCodes, x: Any) -> None:
+    """Add the metrics every recipe logs, where its own loss did not compute them, from tensors the
+    step already has: `l0`, the mean number of active latents per token, and `fvu`, the fraction of
+    variance unexplained Σ‖x − x̂‖² / Σ‖x − x̄‖² = mse_loss / ((1/N) Σ‖x − x̄‖²) (x̄ the batch mean;
+    for a batch of pairs, of the outputs)."""
+    if "l0" not in metrics:
+        if isinstance(features, SparseCodes):
+            metrics["l0"] = (features.values != 0).sum() / max(features.n_rows, 1)
+        else:  # a byte sum of the mask: several times faster on CPU than count_nonzero or a bool sum
+            active = features.ne(0).view(torch.uint8).sum(dtype=torch.int64)
+            metrics["l0"] = active / max(features.numel() // features.shape[-1], 1)
+    if "fvu" not in metrics and "mse_loss" in metrics:
+        target = x[1] if isinstance(x, (tuple, list)) else x
+        flat = target.reshape(-1, target.shape[-1]).float()
+        metrics["fvu"] = metrics["mse_loss"] / flat.var(dim=0, unbiased=False).sum().clamp_min(1e-30)
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss of a training step is NaN or ±inf. Raised by `SAETrainer.update` before the
     backward pass, so the step changed no training state; trainSAE turns it into an error naming
@@ -384,6 +409,10 @@ class SAETrainer:
     Config: ClassVar[type[TrainerConfig]] = TrainerConfig
     dictionary_class: ClassVar[type[Dictionary]]
     default_lr: ClassVar[float] = 1e-3
+    full_metrics: bool = True
+    """whether `update` adds l0 and fvu to its metrics where the recipe's loss has none
+    (add_l0_and_fvu: one more pass over the batch's features); trainSAE turns it on only for the
+    steps whose metrics are logged or shown."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -478,6 +507,8 @@ class SAETrainer:
         self.before_optimizer_step(step)
         self.optimizer.step()
         self.dead_tracker.update(out.features, self.replicas)
+        if self.full_metrics:
+            add_l0_and_fvu(out.metrics, out.features, x)
         if self.l0_controller is not None:
             self.l0_controller.update(out.features, adapt=step + 1 >= (self.cfg.sparsity_warmup_steps or 0),
                                       replicas=self.replicas)
