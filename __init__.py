@@ -8,6 +8,7 @@ from .buffer import ActivationBuffer
 from .bundled import load_bundled_model, stdlib_text_stream
 from .cache import cache_activations
 from .cache_reader import CachedActivations
+from .dashboards import dashboard, render_dashboard
 from .dictionary import (
     AbsTopKSAE,
     AutoEncoder,
@@ -24,6 +25,7 @@ from .dictionary import (
     Transcoder,
 )
 from .evaluation import MetricAccumulator, evaluate, evaluate_sweep, format_table, fvu, loss_recovered, tensor_metrics
+from .feature_stats import FeatureStats, collect_features
 from .interop import load_dictionary, load_saelens, save_saelens
 from .synthetic import (
     HierarchicalActivations,
@@ -50,6 +52,7 @@ __all__ = [
     "CachedActivations",
     "ConstrainedAdam",
     "Dictionary",
+    "FeatureStats",
     "GatedAutoEncoder",
     "HierarchicalActivations",
     "IdentityDict",
@@ -61,6 +64,8 @@ __all__ = [
     "TopKTranscoder",
     "Transcoder",
     "cache_activations",
+    "collect_features",
+    "dashboard",
     "dictionary_directions",
     "evaluate",
     "evaluate_sweep",
@@ -76,6 +81,7 @@ __all__ = [
     "loss_recovered",
     "mean_correlation_coefficient",
     "mean_max_cosine_similarity",
+    "render_dashboard",
     "save_saelens",
     "stdlib_text_stream",
     "tensor_metrics",

@@ -35,13 +35,13 @@ from tqdm.auto import tqdm
 
 from .buffer import ActivationBuffer
 from .files import atomic_write, atomic_write_json
-from .shards import (FORMAT, LOCK, MANIFEST, Column, ShardFile, ShardWriter, encode_part, file_sha256, positive_int,
-                     read_manifest, shard_index, shard_name, tensor_bytes)
+from .shards import (FORMAT, INT8, LOCK, MANIFEST, Column, ShardFile, ShardWriter, dequantize, encode_part,
+                     file_sha256, positive_int, quantize, read_manifest, shard_index, shard_name, tensor_bytes)
 from .sites import layer_of
 
 __all__ = ["cache_activations"]
 
-_STORED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_STORED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
 _STATISTICS_CHUNK = 1024  # rows per float64 block when summing a frame's statistics
 
 
@@ -85,7 +85,8 @@ def cache_activations(
             list or dict; every site is read in the same forward pass).
         path: the cache folder (created; must be new or empty unless `resume`).
         n_tokens: rows the cache holds when done (with `resume`, including those already there).
-        dtype: storage dtype of the activations (float32, float16 or bfloat16).
+        dtype: storage dtype of the activations: float32, float16, bfloat16, or int8 for 8-bit
+            values with a float32 scale per row (x ≈ q · s, s = max|x| / 127; read back as float32).
         shard_tokens: rows per shard file; frame_rows: rows per independently readable frame.
         compression_level: zstd level (1 is fast; negative levels are faster and compress less).
         byte_shuffle: store each column's bytes plane by plane: smaller for float activations
@@ -108,7 +109,8 @@ def cache_activations(
         raise ValueError(f"compression_level must be a zstd level, an int from -7 to 22; got {compression_level!r}")
     max_pending = 2 * workers + 2 if max_pending is None else positive_int("max_pending", max_pending)
     collector = ActivationBuffer(data, model, submodules=sites, io=io, n_ctxs=2, ctx_len=ctx_len,
-                                 refresh_batch_size=refresh_batch_size, out_batch_size=1, device="cpu", dtype=dtype,
+                                 refresh_batch_size=refresh_batch_size, out_batch_size=1, device="cpu",
+                                 dtype=torch.float32 if dtype == torch.int8 else dtype,
                                  remove_bos=remove_bos, seed=0, tokenizer=tokenizer,
                                  add_special_tokens=add_special_tokens)
     identity = _identity(collector, dtype, _describe(data, data_source), shard_tokens, frame_rows,
@@ -138,7 +140,8 @@ def _identity(collector: ActivationBuffer, dtype: torch.dtype, data_source: str,
     sites = {}
     for name, site in collector.sites.items():
         for read in site.reads:
-            columns.append(Column(f"{name}/{read}", _STORED_DTYPES[dtype], next(widths), name, read))
+            stored = INT8 if dtype == torch.int8 else _STORED_DTYPES[dtype]
+            columns.append(Column(f"{name}/{read}", stored, next(widths), name, read))
         sites[name] = {"path": site.path or "model", "io": site.io, "width": collector.d_sites[name],
                        "layer": layer_of(site.path)}
     identity = {
@@ -426,9 +429,9 @@ class _FramePipeline:
         columns = []
         for column, blocks in zip(self.folder.columns, zip(*pieces)):
             data = [tensor_bytes(block) for block in blocks]
-            columns.append((column, np.concatenate(data) if len(data) > 1 else data[0]))
-        parts = [encode_part(rows, self.level, self.byte_shuffle, column.torch_dtype.itemsize)
-                 for column, rows in columns]
+            rows = np.concatenate(data) if len(data) > 1 else data[0]
+            columns.append((column, quantize(rows.view(np.float32)) if column.dtype == INT8 else rows))
+        parts = [encode_part(rows, self.level, self.byte_shuffle, column.itemsize) for column, rows in columns]
         return parts, [_sums(*columns[i]) for i in self.statistics_columns]
 
     def _frames(self, item) -> Iterator[tuple[int, list[bytes], list, list[int] | None]]:
@@ -479,19 +482,21 @@ class _FramePipeline:
 
 
 def _sums(column: Column, rows: np.ndarray) -> tuple[torch.Tensor, float]:
-    """Σ_rows x [width] and Σ_rows ‖x‖², in float64, of a column given as row bytes."""
+    """Σ_rows x [width] and Σ_rows ‖x‖², in float64, of a column given as (stored) row bytes."""
     total = np.zeros(column.width, dtype=np.float64)
     squares = 0.0
     for start in range(0, len(rows), _STATISTICS_CHUNK):
-        block = _as_float64(rows[start : start + _STATISTICS_CHUNK], column.dtype)
+        block = _as_float64(rows[start : start + _STATISTICS_CHUNK], column)
         total += block.sum(0)
         squares += float(np.einsum("ij,ij->", block, block))
     return torch.from_numpy(total), squares
 
 
-def _as_float64(rows: np.ndarray, dtype: str) -> np.ndarray:
-    """Row bytes of float32, float16 or bfloat16 values as float64 [n, width] (bfloat16 is the top
-    half of a float32)."""
-    if dtype == "bfloat16":
+def _as_float64(rows: np.ndarray, column: Column) -> np.ndarray:
+    """Stored row bytes as float64 values [n, width] (bfloat16 is the top half of a float32; 8-bit
+    rows are dequantised: the statistics are those of what a reader serves)."""
+    if column.dtype == INT8:
+        return dequantize(rows, column.width).astype(np.float64)
+    if column.dtype == "bfloat16":
         return (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return rows.view(np.float16 if dtype == "float16" else np.float32).astype(np.float64)
+    return rows.view(np.float16 if column.dtype == "float16" else np.float32).astype(np.float64)

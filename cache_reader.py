@@ -392,7 +392,7 @@ class _RowBlock:
 
     def __init__(self, size: int, column: Column):
         self.column = column
-        self.row_bytes = column.width * column.torch_dtype.itemsize
+        self.row_bytes = column.row_bytes
         self.rows = np.empty((size, self.row_bytes), dtype=np.uint8)
         self._records = self.rows.view(np.dtype((np.void, self.row_bytes))).reshape(size)
 

@@ -10,6 +10,10 @@ Steps: load the model (nnsight), stream text through an `ActivationBuffer` on
 README's table row, and write `ae.pt`, `config.json` (trainer, buffer and training settings,
 plus this command's arguments and the metrics) and `eval.json` into `--out`.
 
+With `--dashboard-tokens N` (default 50,000; 0 skips it) it also writes a feature dashboard of the
+dictionary into `--out`/dashboard (`dashboard`: open dashboard/index.html in a browser), read on
+held-out text.
+
 `--dataset` is "stdlib" (the bundled model's own text: Python standard library sources; training
 uses the train split and evaluation the held-out split), a `.jsonl.zst` file (e.g. a Pile
 shard), or a Hugging Face dataset name (streamed).
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .buffer import ActivationBuffer
+from .dashboards import dashboard
 from .evaluation import evaluate
 from .training import trainSAE
 from .files import atomic_write_json
@@ -67,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--refresh-batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument("--eval-batches", type=int, default=8, help="batches pooled by the evaluation")
     parser.add_argument("--eval-texts", type=int, default=16, help="texts per evaluation batch (CE metrics)")
+    parser.add_argument("--dashboard-tokens", type=int, default=50_000,
+                        help="tokens read for the feature dashboard written to OUT/dashboard (0: none)")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
@@ -79,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "eval_texts"]:
         if getattr(args, name) < (0 if name == "warmup_steps" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.dashboard_tokens < 0:
+        parser.error(f"--dashboard-tokens must be >= 0, got {args.dashboard_tokens}")
     if args.dict_size is not None and args.dict_size < 1:
         parser.error(f"--dict-size must be positive, got {args.dict_size}")
     if args.dataset is None:
@@ -158,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics = evaluate(ae, eval_buffer, n_batches=args.eval_batches, max_len=args.ctx_len,
                        batch_size=args.eval_texts, device=args.device)
     metrics = {k: float(v) for k, v in metrics.items()}
+    evaluated_at = time.perf_counter()
+    if args.dashboard_tokens:
+        dashboard(ae, text_stream(args.dataset, args.text_field, "heldout" if heldout else "train"), model, submodule,
+                  out / "dashboard", n_tokens=args.dashboard_tokens, io=args.io, ctx_len=args.ctx_len,
+                  batch_size=args.refresh_batch_size, progress=not args.no_progress)
     elapsed = time.perf_counter() - start
 
     config = json.loads((out / "config.json").read_text())
@@ -165,14 +179,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config["eval"] = metrics
     atomic_write_json(config, out / "config.json")
     atomic_write_json({**metrics, "eval_text": "heldout split" if heldout else "fresh texts of the stream",
-                       "seconds_total": elapsed, "seconds_load_and_train": trained_at - start}, out / "eval.json")
+                       "seconds_total": elapsed, "seconds_load_and_train": trained_at - start,
+                       "seconds_dashboard": elapsed - (evaluated_at - start)}, out / "eval.json")
 
     row = [str(args.layer)] + [f"{metrics[key]:.4g}" if key in metrics else "n/a" for key in TABLE_COLUMNS]
     print(f"\n{args.model} {submodule} ({args.io}put), dictionary {buffer.d_submodule} -> {dict_size}, "
           f"{args.steps} steps of {args.batch_size} activations; MSE {metrics['MSE']:.4g}, "
           f"KL {metrics.get('kl_reconstructed', float('nan')):.4g} nats/token")
     print(table([TABLE_HEADER, row]))
-    print(f"saved {out / 'ae.pt'}, {out / 'config.json'}, {out / 'eval.json'} in {elapsed:.0f} s")
+    written = f"{out / 'ae.pt'}, {out / 'config.json'}, {out / 'eval.json'}"
+    if args.dashboard_tokens:
+        written += f", {out / 'dashboard' / 'index.html'}"
+    print(f"saved {written} in {elapsed:.0f} s")
     return metrics
 
 

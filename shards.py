@@ -12,7 +12,8 @@ A shard holds consecutive rows of the collection (one row per token), cut into f
 `frame_rows` rows. Each frame stores every column on its own, so a reader decompresses only the
 columns it needs. The columns are `token_ids` and `positions` (int32, [rows]: the token, and its
 index among the real tokens of its context, so contexts can be rebuilt), then one column per read
-of each site ([rows, width] in the cache dtype). Layout, every integer little-endian, no pickle:
+of each site ([rows, width] in the cache dtype; with 8-bit storage, each row's int8 values followed
+by its float32 scale). Layout, every integer little-endian, no pickle:
 
     b"DLSHARD1"
     the parts of every frame, back to back: one zstd frame per column (with zstd's content
@@ -44,7 +45,7 @@ from .files import read_json_object
 
 __all__ = ["Column", "ShardFile", "MANIFEST", "LOCK", "FORMAT", "DTYPES", "shard_name", "shard_index",
            "byte_planes", "from_byte_planes", "tensor_bytes", "as_tensor", "encode_part", "decode_part",
-           "read_manifest", "file_sha256", "ShardWriter", "positive_int"]
+           "read_manifest", "file_sha256", "ShardWriter", "positive_int", "INT8", "quantize", "dequantize"]
 
 MANIFEST = "manifest.json"
 LOCK = "writer.lock"
@@ -53,6 +54,7 @@ MAGIC, END_MAGIC = b"DLSHARD1", b"DLSHEND1"
 _TRAILER = struct.Struct("<Q8s")
 _SHARD_NAME = re.compile(r"shard-(\d{6,})\.dlshard")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int32": torch.int32}
+INT8 = "int8_row_scale"  # 8-bit values with one float32 scale per row: x ≈ q · s, s = max|x| / 127
 _WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -88,7 +90,18 @@ class Column:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The dtype of the column's tensors (float32 for 8-bit rows, which are dequantised)."""
+        return torch.float32 if self.dtype == INT8 else DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per stored value (byte planes are this many)."""
+        return 1 if self.dtype == INT8 else DTYPES[self.dtype].itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per stored row: the values, then (8-bit rows) the float32 scale."""
+        return self.width * self.itemsize + (4 if self.dtype == INT8 else 0)
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "width": self.width, "site": self.site, "io": self.io}
@@ -128,8 +141,25 @@ def tensor_bytes(values: torch.Tensor) -> np.ndarray:
 
 
 def as_tensor(rows: np.ndarray, column: Column) -> torch.Tensor:
-    """Row bytes [n, width × itemsize] uint8 as the column's tensor [n, width] (no copy)."""
+    """Row bytes [n, row_bytes] uint8 as the column's tensor [n, width] (no copy; 8-bit rows are
+    dequantised to float32)."""
+    if column.dtype == INT8:
+        return torch.from_numpy(dequantize(rows, column.width))
     return torch.from_numpy(rows).view(column.torch_dtype)
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    """float32 rows [n, w] as 8-bit row bytes [n, w + 4]: q = round(x / s) in int8, then s =
+    max|x| / 127 of the row as float32 (a row of zeros gets s = 0)."""
+    scale = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+    q = np.rint(x / np.where(scale > 0, scale, np.float32(1))).astype(np.int8)
+    return np.concatenate([q.view(np.uint8), scale.astype(np.float32).view(np.uint8)], axis=1)
+
+
+def dequantize(rows: np.ndarray, width: int) -> np.ndarray:
+    """8-bit row bytes [n, width + 4] back to float32 [n, width]: q · s."""
+    scale = np.ascontiguousarray(rows[:, width:]).view(np.float32)
+    return rows[:, :width].view(np.int8).astype(np.float32) * scale
 
 
 _local = threading.local()
@@ -155,12 +185,12 @@ def encode_part(rows: np.ndarray, level: int, shuffle: bool, itemsize: int) -> b
 
 
 def decode_part(data: bytes, column: Column, rows: int, shuffle: bool) -> np.ndarray:
-    """A stored part back as row bytes [rows, width × itemsize] uint8 (`as_tensor` makes it the
+    """A stored part back as row bytes [rows, row_bytes] uint8 (`as_tensor` makes it the
     column's tensor); raises zstandard.ZstdError when it is damaged."""
     import zstandard
 
-    size = column.torch_dtype.itemsize
-    raw = np.empty(rows * column.width * size, dtype=np.uint8)
+    size = column.itemsize
+    raw = np.empty(rows * column.row_bytes, dtype=np.uint8)
     if raw.size:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
         view, filled = memoryview(raw), 0
@@ -173,7 +203,7 @@ def decode_part(data: bytes, column: Column, rows: int, shuffle: bool) -> np.nda
             raise zstandard.ZstdError(f"the part holds more than the {len(view)} bytes expected")
     if shuffle and size > 1:
         raw = from_byte_planes(raw.reshape(size, -1))
-    return raw.reshape(rows, column.width * size)
+    return raw.reshape(rows, column.row_bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +281,7 @@ class ShardFile:
 
     def decode(self, frame: int, parts: Sequence[int], columns: Sequence[Column], shuffle: bool) -> list[np.ndarray]:
         """The columns `parts` (indices into the shard's columns) of one frame, as row bytes
-        [rows, width × itemsize] each (`as_tensor`); a damaged part raises ValueError naming the
+        [rows, row_bytes] each (`as_tensor`); a damaged part raises ValueError naming the
         file. Thread-safe."""
         import zstandard
 

@@ -823,18 +823,7 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
                     inputs[key] = _prepared(_stream(batch, trainer, index, step), scales.get(key[0]), trainer.device)
                 else:
                     _stream(batch, trainer, index, step, checked=True)
-                try:
-                    with autocast:
-                        metrics.append(trainer.update(step, inputs[key]))
-                    skipped_in_a_row[index] = 0
-                except NonFiniteLoss as error:
-                    skipped_in_a_row[index] += 1
-                    if settings.on_nonfinite == "raise" or skipped_in_a_row[index] >= MAX_SKIPPED_IN_A_ROW:
-                        what = f"the loss is {error.value} at step {step + 1}" + (
-                            f", the {MAX_SKIPPED_IN_A_ROW}th batch in a row" if settings.on_nonfinite == "skip" else "")
-                        raise _divergence_error(index, trainer, what, inputs[key], settings, run) from None
-                    run.skipped_steps[index] += 1
-                    metrics.append({"loss": torch.tensor(error.value)})
+                metrics.append(_step(index, trainer, step, inputs[key], autocast, skipped_in_a_row, settings, run))
             step += 1
             run.steps_trained = step
             bar.update(1)
@@ -859,6 +848,25 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
                 run.backup(step, scales)
     _check_weights(trainers, step, settings, run, batch, active)
     return step
+
+
+def _step(index: int, trainer: SAETrainer, step: int, stream: Any, autocast, skipped_in_a_row: list[int],
+          settings: RunSettings, run: "_Run") -> dict[str, torch.Tensor]:
+    """One optimisation step of one trainer; its metrics. A non-finite loss (the step then changed
+    nothing) stops the run, or with on_nonfinite="skip" is counted and skipped."""
+    try:
+        with autocast:
+            metrics = trainer.update(step, stream)
+        skipped_in_a_row[index] = 0
+        return metrics
+    except NonFiniteLoss as error:
+        skipped_in_a_row[index] += 1
+        if settings.on_nonfinite == "raise" or skipped_in_a_row[index] >= MAX_SKIPPED_IN_A_ROW:
+            what = f"the loss is {error.value} at step {step + 1}" + (
+                f", the {MAX_SKIPPED_IN_A_ROW}th batch in a row" if settings.on_nonfinite == "skip" else "")
+            raise _divergence_error(index, trainer, what, stream, settings, run) from None
+        run.skipped_steps[index] += 1
+        return {"loss": torch.tensor(error.value)}
 
 
 def _global_metrics(metrics: Sequence[dict[str, torch.Tensor]], rows: Sequence[int],

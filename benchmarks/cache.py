@@ -20,11 +20,15 @@ writing    rows/s delivered to their destination by
            "cache/bare" is the issue's measure; "cache/collect" isolates what storing costs.
 storage    bytes per stored activation value (activation columns only; token ids and positions add
            8 bytes per row), for each storage dtype and compression, from the float32 cache's rows
-           re-encoded frame by frame (frames of 4,096 rows), with each variant's compression speed.
+           re-encoded frame by frame (frames of 4,096 rows), with each variant's compression speed
+           and the storage error ‖x̂ − x‖² / ‖x − x̄‖² (int8: 8-bit values and a float32 scale per
+           row). Measured by its own run, --storage-only (a float32 cache per model).
 reading    rows/s over one epoch of the bf16 cache: "zstd" decompresses every frame's activation
            part with zstandard and nothing else (no batches); "reader" is
            CachedActivations(shuffle=True, batch_size=4096, shuffle_window=32768: a quarter of the
-           cache), "in order" the same with shuffle=False.
+           cache), "in order" the same with shuffle=False. "resume": seconds to the batch after the
+           first 31 (the epoch's last) with skip(31) (nothing decoded but the window's rows) and by
+           reading them.
 training   trainSAE with one TopKTrainer (F = 16 d, k = 32, batch 4,096) fed by CachedActivations
            against the same batches held in memory as a list (the same bf16 tensors, read before).
 sweep      (bundled model) M TopK trainers (k = 8, 16, 32, 64) trained for S steps each: "on the fly"
@@ -38,6 +42,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,7 +51,7 @@ from buffer import bare_pipeline, build_tiny_model, endless, interleaved_rates, 
 
 SITE = "gpt_neox.layers.1.mlp"
 WINDOW = 32768  # the readers' shuffle window: a quarter of the cache, so an epoch is mostly steady state
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 STORAGE_VARIANTS = [(-1, True), (1, False), (1, True), (3, True)]  # (zstd level, byte shuffle)
 
 
@@ -55,13 +60,14 @@ def prepare_models(args, workdir: Path) -> list[dict]:
     from dictionary_learning import bundled
 
     models = []
-    for hidden in (256, 512):
+    for hidden in [int(name) for name in args.models if name != "bundled"]:
         directory = workdir / f"tiny-gpt-neox-{hidden}"
         build_tiny_model(directory, args.seed, hidden=hidden)
         models.append({"name": f"tiny GPT-NeoX d={hidden}", "dir": str(directory),
                        "texts": synthetic_texts(300 if args.quick else 2000, args.seed + 1)})
-    texts = list(itertools.islice(bundled.stdlib_text_stream(split="train"), 300 if args.quick else 2000))
-    models.append({"name": "bundled tiny-pythia", "dir": str(bundled.BUNDLED_MODEL_DIR), "texts": texts})
+    if "bundled" in args.models:
+        texts = list(itertools.islice(bundled.stdlib_text_stream(split="train"), 300 if args.quick else 2000))
+        models.append({"name": "bundled tiny-pythia", "dir": str(bundled.BUNDLED_MODEL_DIR), "texts": texts})
     return models
 
 
@@ -79,15 +85,15 @@ def wall_seconds(fn) -> float:
 def writing(spec: dict, model, hf_model, tokenizer, config: dict, workdir: Path) -> tuple[dict, Path]:
     from dictionary_learning import ActivationBuffer, cache_activations
 
-    n_rows, texts = config["rows"], spec["texts"]
+    texts = spec["texts"]
     folders = iter(workdir / f"write_{i}" for i in itertools.count())
     kept: list[Path] = []
 
-    def bare() -> int:
+    def bare(n_rows: int) -> int:
         return bare_pipeline(hf_model, tokenizer, endless(texts), n_rows, config["ctx_len"],
                              config["refresh_batch_size"], 32768)
 
-    def collect() -> int:
+    def collect(n_rows: int) -> int:
         buffer = ActivationBuffer(endless(texts), model, submodules=SITE, n_ctxs=2, ctx_len=config["ctx_len"],
                                   refresh_batch_size=config["refresh_batch_size"], out_batch_size=1, device="cpu",
                                   dtype=torch.bfloat16)
@@ -97,7 +103,7 @@ def writing(spec: dict, model, hf_model, tokenizer, config: dict, workdir: Path)
             rows += len(collected[0][0]) if collected is not None else 0
         return n_rows
 
-    def cache() -> int:
+    def cache(n_rows: int) -> int:
         folder = next(folders)
         cache_activations(endless(texts), model, SITE, folder, n_rows, ctx_len=config["ctx_len"],
                           refresh_batch_size=config["refresh_batch_size"], shard_tokens=config["shard_tokens"],
@@ -107,12 +113,13 @@ def writing(spec: dict, model, hf_model, tokenizer, config: dict, workdir: Path)
 
     candidates = {"bare": bare, "collect": collect, "cache": cache}
     for fn in candidates.values():  # warm up
-        fn()
-    rates = interleaved_rates(candidates, config["rounds"])
+        fn(min(config["rows"], 16384))
+    rates = interleaved_rates({name: (lambda fn=fn: fn(config["rows"])) for name, fn in candidates.items()},
+                              config["rounds"])
     bytes_written = sum(p.stat().st_size for p in kept[-1].glob("shard-*"))
     return {name: result["act_per_s"] for name, result in rates.items()} | {
         "runs": {name: [run["act_per_s"] for run in result["runs"]] for name, result in rates.items()},
-        "bytes_per_row": bytes_written / n_rows}, kept[-1]
+        "bytes_per_row": bytes_written / config["rows"]}, kept[-1]
 
 
 # -------------------------------------------------------------------------------------------
@@ -121,23 +128,35 @@ def writing(spec: dict, model, hf_model, tokenizer, config: dict, workdir: Path)
 
 
 def storage(rows: torch.Tensor, frame_rows: int = 4096) -> list[dict]:
-    """Bytes per value and compression speed of every (dtype, level, shuffle) on `rows` [N, d] (float32)."""
-    from dictionary_learning.shards import encode_part, tensor_bytes
+    """Bytes per value, compression speed and storage error of every (dtype, level, shuffle) on
+    `rows` [N, d] (float32). "error" = ‖x̂ − x‖² / ‖x − x̄‖²: the share of the variance that storage
+    loses, on the scale of an SAE's FVU."""
+    from dictionary_learning.shards import dequantize, encode_part, quantize, tensor_bytes
 
     table = []
+    variance = float((rows.double() - rows.double().mean(0)).pow(2).sum())
     for dtype_name, dtype in DTYPES.items():
-        values = rows.to(dtype)
-        frames = [tensor_bytes(values[i : i + frame_rows]) for i in range(0, len(values), frame_rows)]
-        table.append({"dtype": dtype_name, "compression": "none", "bytes/value": float(dtype.itemsize),
-                      "vs raw": 1.0, "MB/s": None})
+        if dtype == torch.int8:
+            stored_rows = quantize(rows.numpy())  # [N, d + 4]: int8 values and a float32 scale per row
+            restored = torch.from_numpy(dequantize(stored_rows, rows.shape[1]))
+            itemsize, raw_bytes = 1, stored_rows.nbytes
+        else:
+            values = rows.to(dtype)
+            stored_rows, restored, itemsize = tensor_bytes(values), values.float(), dtype.itemsize
+            raw_bytes = stored_rows.nbytes
+        error = float((restored.double() - rows.double()).pow(2).sum()) / variance
+        frames = [stored_rows[i : i + frame_rows] for i in range(0, len(stored_rows), frame_rows)]
+        table.append({"dtype": dtype_name, "compression": "none", "bytes/value": raw_bytes / rows.numel(),
+                      "vs raw bf16": raw_bytes / rows.numel() / 2, "MB/s": None, "error": error})
         for level, shuffle in STORAGE_VARIANTS:
+            if shuffle and itemsize == 1:
+                continue
             start = time.perf_counter()
-            stored = sum(len(encode_part(frame, level, shuffle, dtype.itemsize)) for frame in frames)
+            stored = sum(len(encode_part(frame, level, shuffle, itemsize)) for frame in frames)
             seconds = time.perf_counter() - start
-            per_value = stored / values.numel()
             table.append({"dtype": dtype_name, "compression": f"zstd {level}" + (" + shuffle" if shuffle else ""),
-                          "bytes/value": per_value, "vs raw": per_value / dtype.itemsize,
-                          "MB/s": values.numel() * dtype.itemsize / seconds / 1e6})
+                          "bytes/value": stored / rows.numel(), "vs raw bf16": stored / rows.numel() / 2,
+                          "MB/s": raw_bytes / seconds / 1e6, "error": error})
     return table
 
 
@@ -182,8 +201,24 @@ def reading(folder: Path, rounds: int) -> dict:
     for fn in candidates.values():
         fn()
     rates = interleaved_rates(candidates, rounds)
+    n_batches = rows // 4096 - 1  # resuming at the last batch of the epoch: skip() against reading up to it
+
+    def resume(skip: bool) -> float:
+        with CachedActivations(folder, batch_size=4096, seed=0, shuffle_window=WINDOW) as cache:
+            start = time.perf_counter()
+            if skip:
+                cache.skip(n_batches)
+            else:
+                for _ in range(n_batches):
+                    next(cache)
+            next(cache)
+            return time.perf_counter() - start
+
+    skip_seconds = statistics.median(resume(True) for _ in range(rounds))
+    read_seconds = statistics.median(resume(False) for _ in range(rounds))
     return {name: result["act_per_s"] for name, result in rates.items()} | {
-        "runs": {name: [run["act_per_s"] for run in result["runs"]] for name, result in rates.items()}}
+        "runs": {name: [run["act_per_s"] for run in result["runs"]] for name, result in rates.items()},
+        "resume batches": n_batches, "skip s": skip_seconds, "read s": read_seconds}
 
 
 def training_from_cache(folder: Path, d: int, rounds: int, steps: int) -> dict:
@@ -265,12 +300,16 @@ def main() -> None:
     parser.add_argument("--refresh-batch-size", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=None, help="steps of the training comparison (default 24)")
     parser.add_argument("--sweep-steps", type=int, default=None, help="steps per trainer in the sweep (default 40)")
+    parser.add_argument("--models", nargs="+", choices=("256", "512", "bundled"), default=["256", "512", "bundled"],
+                        help="which models to measure (default all)")
+    parser.add_argument("--no-sweep", action="store_true", help="leave out the sweep")
+    parser.add_argument("--storage-only", action="store_true", help="only the bytes-per-value table")
     args = parser.parse_args()
     _common.set_threads(args.threads)
     _common.import_library()
     from nnsight import TransformersModel
 
-    from dictionary_learning import CachedActivations, keep_freed_cpu_memory
+    from dictionary_learning import keep_freed_cpu_memory
 
     keep_freed_cpu_memory()
     config = {"ctx_len": args.ctx_len, "refresh_batch_size": args.refresh_batch_size,
@@ -278,55 +317,76 @@ def main() -> None:
               "rounds": args.rounds or (1 if args.quick else 3)}
     train_steps = args.train_steps or (3 if args.quick else 24)
     sweep_steps = args.sweep_steps or (3 if args.quick else 40)
-    write_table, storage_tables, read_table, train_table, results = [], {}, [], [], []
-    sweep_row = None
+    tables: dict[str, Any] = {"write": [], "storage": {}, "read": [], "train": [], "sweep": None}
+    results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="dl_bench_cache_") as tmp:
         for spec in prepare_models(args, Path(tmp)):
             hf_model, tokenizer = load_hf(spec["dir"])
             model = TransformersModel(hf_model, tokenizer=tokenizer)
             d = hf_model.config.hidden_size
             workdir = Path(tmp) / spec["name"].replace(" ", "_")
+            if args.storage_only:
+                storage_only(spec, model, config, workdir, tables)
+                continue
             print(f"{spec['name']}: writing", flush=True)
             written, folder = writing(spec, model, hf_model, tokenizer, config, workdir)
-            write_table.append({"model": spec["name"], "d": d, "bare rows/s": written["bare"],
-                                "collect rows/s": written["collect"], "cache rows/s": written["cache"],
-                                "cache/bare": written["cache"] / written["bare"],
-                                "cache/collect": written["cache"] / written["collect"],
-                                "file B/value": written["bytes_per_row"] / d})
-            print(f"{spec['name']}: storage, reading, training", flush=True)
-            float32_rows = torch.cat(list(CachedActivations(folder, batch_size=8192, shuffle=False))).float()
-            storage_tables[spec["name"]] = storage(float32_rows)
+            tables["write"].append({"model": spec["name"], "d": d, "bare rows/s": written["bare"],
+                                    "collect rows/s": written["collect"], "cache rows/s": written["cache"],
+                                    "cache/bare": written["cache"] / written["bare"],
+                                    "cache/collect": written["cache"] / written["collect"],
+                                    "file B/value": written["bytes_per_row"] / d})
+            print(f"{spec['name']}: reading, training", flush=True)
             read = reading(folder, config["rounds"])
-            read_table.append({"model": spec["name"], "d": d, "zstd rows/s": read["zstd"],
-                               "reader rows/s": read["reader"], "in order rows/s": read["in order"],
-                               "reader/zstd": read["reader"] / read["zstd"],
-                               "in order/zstd": read["in order"] / read["zstd"]})
+            tables["read"].append({"model": spec["name"], "d": d, "zstd rows/s": read["zstd"],
+                                   "reader rows/s": read["reader"], "in order rows/s": read["in order"],
+                                   "reader/zstd": read["reader"] / read["zstd"],
+                                   "in order/zstd": read["in order"] / read["zstd"],
+                                   "resume: skip s": read["skip s"], "resume: read s": read["read s"]})
             train = training_from_cache(folder, d, config["rounds"], train_steps)
-            train_table.append({"model": spec["name"], "d": d, "dict_size": 16 * d, "steps": train_steps,
-                                "memory s": train["memory s"], "cache s": train["cache s"],
-                                "cache speed / memory": train["cache speed / memory"]})
-            results.append({"model": spec["name"], "d": d, "writing": written, "reading": read, "training": train,
-                            "storage": storage_tables[spec["name"]]})
-            if spec["name"].startswith("bundled"):
+            tables["train"].append({"model": spec["name"], "d": d, "dict_size": 16 * d, "steps": train_steps,
+                                    "memory s": train["memory s"], "cache s": train["cache s"],
+                                    "cache speed / memory": train["cache speed / memory"]})
+            results.append({"model": spec["name"], "d": d, "writing": written, "reading": read, "training": train})
+            if spec["name"].startswith("bundled") and not args.no_sweep:
+                report(args, config, tables, results, complete=False)
                 print(f"{spec['name']}: sweep", flush=True)
-                sweep_row = sweep(spec, model, config, workdir, sweep_steps, [8, 16, 32, 64])
+                tables["sweep"] = sweep(spec, model, config, workdir, sweep_steps, [8, 16, 32, 64])
+            report(args, config, tables, results, complete=False)
+    report(args, config, tables, results, complete=True)
 
-    text = _common.print_table(write_table, list(write_table[0]), title=(
+
+def storage_only(spec: dict, model, config: dict, workdir: Path, tables: dict) -> None:
+    """The storage table alone, from one float32 cache of the model (--storage-only)."""
+    from dictionary_learning import CachedActivations, cache_activations
+
+    cache_activations(endless(spec["texts"]), model, SITE, workdir / "float32", config["rows"], dtype=torch.float32,
+                      ctx_len=config["ctx_len"], refresh_batch_size=config["refresh_batch_size"], progress=False)
+    rows = torch.cat(list(CachedActivations(workdir / "float32", batch_size=8192, shuffle=False)))
+    tables["storage"][spec["name"]] = storage(rows)
+    _common.print_table(tables["storage"][spec["name"]], list(tables["storage"][spec["name"]][0]),
+                        title=f"bytes per stored value: {spec['name']}")
+
+
+def report(args, config: dict, tables: dict, results: list, complete: bool) -> None:
+    """Print the tables so far and write the JSON (marked incomplete until the last model is done)."""
+    if not tables["write"]:
+        _common.write_json(args.out, {"benchmark": "cache storage", "machine": _common.machine_info(args.threads),
+                                      "config": config, "storage": tables["storage"]})
+        return
+    text = _common.print_table(tables["write"], list(tables["write"][0]), title=(
         f"writing ({args.threads} threads, wall clock, {config['rows']:,} rows per run, bf16, zstd 1, "
         f"ctx_len {config['ctx_len']}, {config['refresh_batch_size']} texts/forward)"))
-    for name, table in storage_tables.items():
-        text += "\n\n" + _common.print_table(table, list(table[0]), title=f"bytes per stored value: {name}")
-    text += "\n\n" + _common.print_table(read_table, list(read_table[0]), title=(
+    text += "\n\n" + _common.print_table(tables["read"], list(tables["read"][0]), title=(
         f"reading one epoch of the bf16 cache (batch 4,096, shuffle window {WINDOW:,})"))
-    text += "\n\n" + _common.print_table(train_table, list(train_table[0]), title=(
+    text += "\n\n" + _common.print_table(tables["train"], list(tables["train"][0]), title=(
         f"TopK training (batch 4,096, k 32) fed from the cache (shuffle window {WINDOW:,}) vs the same batches "
         "in memory"))
-    if sweep_row is not None:
-        text += "\n\n" + _common.print_table([sweep_row], list(sweep_row), title="sweep of M trainers (wall seconds)")
-    _common.write_json(args.out, {"benchmark": "cache", "machine": _common.machine_info(args.threads, "wall"),
-                                  "config": config, "results": results, "sweep": sweep_row,
-                                  "write_table": write_table, "storage_tables": storage_tables,
-                                  "read_table": read_table, "train_table": train_table, "table_text": text})
+    if tables["sweep"] is not None:
+        text += "\n\n" + _common.print_table([tables["sweep"]], list(tables["sweep"]),
+                                             title="sweep of M trainers (wall seconds)")
+    _common.write_json(args.out, {"benchmark": "cache", "complete": complete,
+                                  "machine": _common.machine_info(args.threads, "wall"), "config": config,
+                                  "results": results, "tables": tables, "table_text": text})
 
 
 if __name__ == "__main__":

@@ -122,6 +122,25 @@ def test_round_trip_is_exact(lm, hf, tmp_path, dtype):
     assert same_multiset(torch.cat(list(shuffled)).float(), stored[LAYER1].float())
 
 
+def test_eight_bit_rows_are_within_half_a_step_of_the_activations(lm, tmp_path):
+    """dtype=torch.int8: x ≈ q · s with s = max|x| / 127 per row, served as float32."""
+    write(lm, tmp_path / "exact", 600, dtype=torch.float32)
+    write(lm, tmp_path / "int8", 600, dtype=torch.int8)
+    exact, stored = in_order(tmp_path / "exact"), in_order(tmp_path / "int8")
+    for site in SITES:
+        x, x8 = exact[site], stored[site]
+        assert x8.dtype == torch.float32 and x8.shape == x.shape
+        step = x.abs().amax(1, keepdim=True) / 127
+        assert ((x8 - x).abs() <= step / 2 * (1 + 1e-5) + 1e-12).all()
+        assert float((x8 - x).pow(2).sum() / x.pow(2).sum()) < 1e-3
+        statistics = CachedActivations(tmp_path / "int8", site=site).statistics()["out"]
+        assert statistics["mean_squared_norm"] == pytest.approx(float(x8.double().pow(2).sum(1).mean()), rel=1e-9)
+    manifest = json.loads((tmp_path / "int8" / "manifest.json").read_text())
+    assert manifest["dtype"] == "int8" and manifest["columns"][2]["dtype"] == "int8_row_scale"
+    batch = next(CachedActivations(tmp_path / "int8", site=MLP0, batch_size=64, shuffle_window=256, seed=0))
+    assert batch.dtype == torch.float32 and batch.shape == (64, 32)
+
+
 def test_manifest_records_the_source_and_the_statistics(lm, hf, tmp_path):
     hf.config._name_or_path = "tiny-neox"
     try:

@@ -176,7 +176,7 @@ def test_demo_end_to_end_smoke(tmp_path, capsys):
 
     metrics = demo.main(["--steps", "3", "--batch-size", "64", "--n-ctxs", "4", "--ctx-len", "32",
                          "--refresh-batch-size", "4", "--eval-batches", "1", "--eval-texts", "2",
-                         "--warmup-steps", "1", "--out", str(tmp_path), "--no-progress"])
+                         "--warmup-steps", "1", "--dashboard-tokens", "300", "--out", str(tmp_path), "--no-progress"])
     printed = capsys.readouterr().out
     assert "| Layer | Variance Explained (%) | L1" in printed and "% CE Recovered" in printed
     config = json.loads((tmp_path / "config.json").read_text())
@@ -186,3 +186,5 @@ def test_demo_end_to_end_smoke(tmp_path, capsys):
     state = torch.load(tmp_path / "ae.pt", weights_only=True)
     assert state["encoder.weight"].shape == (config["trainer"]["dict_size"], config["buffer"]["d_submodule"])
     assert json.loads((tmp_path / "eval.json").read_text())["eval_text"] == "heldout split"
+    assert "dashboard" in printed and (tmp_path / "dashboard" / "index.html").is_file()
+    assert torch.load(tmp_path / "dashboard" / "features.pt", weights_only=True)["n_tokens"] == 300
