@@ -25,6 +25,7 @@ trainers on the site's global batch, exactly as one process would.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -61,8 +62,11 @@ def launched() -> bool:
 def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> bool:
     """Join the ranks torchrun started (env://), unless torch.distributed is initialised already.
     With CUDA, each rank uses GPU LOCAL_RANK and the backend is "cpu:gloo,cuda:nccl" (NCCL for CUDA
-    tensors, gloo for CPU ones); without, gloo. Returns whether this call created the group (then
-    `destroy_process_group` ends it)."""
+    tensors, gloo for CPU ones); without, gloo. Returns whether this call created the group.
+
+    The group then lives as long as the process (it is destroyed at exit): a default group
+    re-created on torchrun's store can pair with the stale addresses of the one before it and hang,
+    so later calls reuse it instead."""
     if dist.is_initialized() or not launched():
         return False
     if torch.cuda.is_available() and dist.is_nccl_available():
@@ -71,6 +75,7 @@ def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> bool:
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend, timeout=timeout)
+    atexit.register(destroy_process_group)
     return True
 
 

@@ -30,8 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import as_dtype
-from .distributed import (SINGLE_PROCESS, RankLost, Replicas, SitePlan, destroy_process_group, init_process_group,
-                          world_replicas)
+from .distributed import SINGLE_PROCESS, RankLost, Replicas, SitePlan, init_process_group, world_replicas
 from .files import json_default
 from .normalization import scale_from_sums, squared_norm_sum
 from .registry import dictionary_class, recipe_class
@@ -549,73 +548,69 @@ def trainSAE(
                            str(autocast_dtype) if autocast_dtype is not None else None, seed, on_nonfinite,
                            backup_steps)
 
-    created_group = init_process_group()  # under torchrun: join the other ranks (data parallel)
+    init_process_group()  # under torchrun: join the other ranks (kept for later calls, ended at exit)
+    replicas = world_replicas()
+    trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
+    plan = _site_plan(trainers, replicas) if distribute_sites and replicas.distributed else None
+    for trainer in trainers:
+        trainer.replicas = SINGLE_PROCESS if plan is not None else replicas
+    owned = [plan is None or plan.owns(_stream_key(trainer)) for trainer in trainers]
+    for trainer, is_owned in zip(trainers, owned):
+        if not is_owned:  # another rank trains it: no memory here for its weights (nor optimizer state)
+            trainer.ae.to("meta")
+    _check_sites(trainers, data)
+    buffer_configs = [_buffer_config(data, trainer.cfg.site) for trainer in trainers]
+    for trainer, buffer_config in zip(trainers, buffer_configs):
+        _record_provenance(trainer, buffer_config)
+    lock = None
     try:
-        replicas = world_replicas()
-        trainers = [build_trainer(config, steps, default_device=device, default_seed=seed) for config in configs]
-        plan = _site_plan(trainers, replicas) if distribute_sites and replicas.distributed else None
-        for trainer in trainers:
-            trainer.replicas = SINGLE_PROCESS if plan is not None else replicas
-        owned = [plan is None or plan.owns(_stream_key(trainer)) for trainer in trainers]
-        for trainer, is_owned in zip(trainers, owned):
-            if not is_owned:  # another rank trains it: no memory here for its weights (nor optimizer state)
-                trainer.ae.to("meta")
-        _check_sites(trainers, data)
-        buffer_configs = [_buffer_config(data, trainer.cfg.site) for trainer in trainers]
-        for trainer, buffer_config in zip(trainers, buffer_configs):
-            _record_provenance(trainer, buffer_config)
-        lock = None
-        try:
-            with _all_ranks_start(replicas):
-                lock = _claim(save_dir, resume_from, overwrite) if replicas.rank == 0 else None
-                steps_done, scales, saved_data = 0, {}, None
-                if resume_from is not None:
-                    steps_done, saved_scales, saved_data = Checkpointer(resume_from / STATE_FILE).load(trainers, owned)
-                    scales = _scales(saved_scales)
-                    if steps is not None and steps < steps_done:
-                        raise ValueError(f"resume_from: the run already trained {steps_done} steps, more than "
-                                         f"steps={steps}; pass steps >= the steps done (or use its checkpoints/ae_N.pt)")
-                batches, data_record = _data_batches(data, steps_done, saved_data, replicas)
-                if normalize_activations and not scales:
-                    scales = _known_scales(data, trainers)
-                normalizing = normalize_activations and not scales
-                if normalizing:
-                    peeked = list(itertools.islice(batches, min(NORMALIZATION_BATCHES, steps or NORMALIZATION_BATCHES)))
-                    if not peeked:
-                        raise ValueError("activations yielded no batches: the data iterator is empty")
-                    squared_norms = _squared_norms(peeked, trainers)
-                    batches = itertools.chain(peeked, batches)
+        with _all_ranks_start(replicas):
+            lock = _claim(save_dir, resume_from, overwrite) if replicas.rank == 0 else None
+            steps_done, scales, saved_data = 0, {}, None
+            if resume_from is not None:
+                steps_done, saved_scales, saved_data = Checkpointer(resume_from / STATE_FILE).load(trainers, owned)
+                scales = _scales(saved_scales)
+                if steps is not None and steps < steps_done:
+                    raise ValueError(f"resume_from: the run already trained {steps_done} steps, more than "
+                                     f"steps={steps}; pass steps >= the steps done (or use its checkpoints/ae_N.pt)")
+            batches, data_record = _data_batches(data, steps_done, saved_data, replicas)
+            if normalize_activations and not scales:
+                scales = _known_scales(data, trainers)
+            normalizing = normalize_activations and not scales
             if normalizing:
-                scales = _activation_scales(squared_norms, len(peeked), replicas)
-            if replicas.distributed:  # the state records every rank's data
-                records = replicas.exchange(data_record)
-                data_record = {**records[0], "ranks": records}
-            wandb_settings = ({"project": wandb_project, "entity": wandb_entity, "config": dict(run_cfg or {})}
-                              if use_wandb else None)
-            run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, wandb_settings, data_record,
-                       writer=replicas.rank == 0)
-            if plan is not None:
-                run.collect = lambda: _collected_trainers(trainers, owned, replicas)
-            try:
-                run.start(resume_from, steps_done, scales)
-                steps_done = _train(trainers, batches, run, steps_done, scales, settings, autocast_dtype,
-                                    progress and replicas.rank == 0, verbose, replicas, plan)
-                if steps is not None and steps_done < steps and replicas.rank == 0:
-                    warnings.warn(f"trainSAE: the data ran out after {steps_done} of steps={steps} batches; the "
-                                  f"dictionaries trained {steps_done} steps (recorded as steps_done in config.json), "
-                                  "with LR and sparsity schedules planned for steps", stacklevel=2)
-                if replicas.rank == 0:
-                    _warn_if_inside_warmup(trainers, steps_done)
-                trained = run.finish(steps_done, scales)
-                replicas.all_true(True)  # every rank returns once rank 0 has written the final files
-            finally:
-                run.close()
+                peeked = list(itertools.islice(batches, min(NORMALIZATION_BATCHES, steps or NORMALIZATION_BATCHES)))
+                if not peeked:
+                    raise ValueError("activations yielded no batches: the data iterator is empty")
+                squared_norms = _squared_norms(peeked, trainers)
+                batches = itertools.chain(peeked, batches)
+        if normalizing:
+            scales = _activation_scales(squared_norms, len(peeked), replicas)
+        if replicas.distributed:  # the state records every rank's data
+            records = replicas.exchange(data_record)
+            data_record = {**records[0], "ranks": records}
+        wandb_settings = ({"project": wandb_project, "entity": wandb_entity, "config": dict(run_cfg or {})}
+                          if use_wandb else None)
+        run = _Run(trainers, settings, buffer_configs, save_dir, seed_form, wandb_settings, data_record,
+                   writer=replicas.rank == 0)
+        if plan is not None:
+            run.collect = lambda: _collected_trainers(trainers, owned, replicas)
+        try:
+            run.start(resume_from, steps_done, scales)
+            steps_done = _train(trainers, batches, run, steps_done, scales, settings, autocast_dtype,
+                                progress and replicas.rank == 0, verbose, replicas, plan)
+            if steps is not None and steps_done < steps and replicas.rank == 0:
+                warnings.warn(f"trainSAE: the data ran out after {steps_done} of steps={steps} batches; the "
+                              f"dictionaries trained {steps_done} steps (recorded as steps_done in config.json), "
+                              "with LR and sparsity schedules planned for steps", stacklevel=2)
+            if replicas.rank == 0:
+                _warn_if_inside_warmup(trainers, steps_done)
+            trained = run.finish(steps_done, scales)
+            replicas.all_true(True)  # every rank returns once rank 0 has written the final files
         finally:
-            if lock is not None:
-                lock.release()
+            run.close()
     finally:
-        if created_group:
-            destroy_process_group()
+        if lock is not None:
+            lock.release()
     dictionaries = []
     for index, (trainer, final, config) in enumerate(zip(trainers, trained, run.configs())):
         if final is not trainer:  # trained on another rank (distribute_sites): its final dictionary
@@ -648,8 +643,7 @@ class _TrainedElsewhere:
     CPU, and its dictionary rebuilt there."""
 
     def __init__(self, local: SAETrainer, state: dict[str, Any]):
-        self.config, self.state, self.device = local.config, state, torch.device("cpu")
-        self.cfg = local.cfg
+        self.config, self.cfg, self.state = local.config, local.cfg, state
         self.ae = type(local.ae).from_state_dict(state["ae"])
 
     def state_dict(self) -> dict[str, Any]:
@@ -854,8 +848,8 @@ def _train_steps(trainers, batches, run, step, scales: dict[str, float], setting
             bar.update(1)
             if settings.log_steps is not None and (step % settings.log_steps == 0 or step == 1):
                 _check_weights(trainers, step, settings, run, batch, active)
-                if plan is not None:
-                    metrics = _collected_metrics(metrics, trainers, replicas)
+                if plan is not None:  # this rank's trainers' dead % first: the others' trackers are elsewhere
+                    metrics = _collected_metrics(_with_dead_pct(metrics, trainers, step), trainers, replicas)
                 elif replicas.distributed:
                     rows = [_rows(inputs[(_stream_key(trainer), trainer.device)]) for trainer in trainers]
                     metrics = _global_metrics(metrics, rows, replicas)
@@ -890,7 +884,7 @@ POSTFIX_SECONDS = 1.0
 def _with_dead_pct(metrics: Sequence[dict[str, Any]], trainers: Sequence[SAETrainer], step: int) -> list[dict]:
     """Each trainer's metrics with `dead_pct`, the percentage of its latents that are dead (see
     DEAD_WINDOW_TOKENS) after `step` steps."""
-    return [{**m, "dead_pct": 100.0 * trainer.dead_tracker.dead_fraction(step, DEAD_WINDOW_TOKENS)}
+    return [None if m is None else {**m, "dead_pct": 100.0 * trainer.dead_tracker.dead_fraction(step, DEAD_WINDOW_TOKENS)}
             for m, trainer in zip(metrics, trainers)]
 
 

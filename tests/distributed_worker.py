@@ -8,14 +8,15 @@ of R takes rows [r·B/R, (r+1)·B/R) of each, so the R-rank run and the one-proc
 rows in the same order. SAE recipes read the site "sae", transcoders
 the pairs of the site "tc". Each rank saves what trainSAE returned to OUT/returned_<rank>.pt and
 counts the files it wrote in OUT/writes_<rank>.json; `--kill-rank r --kill-at s` makes rank r
-kill itself with SIGKILL when it asks for batch s.
+kill itself with SIGKILL when it asks for batch s; `--empty-rank r` gives rank r no data.
 
-`--sites DIR`: then also the distribute_sites run into DIR (trainSAE joins the ranks again): five
+`--sites DIR`: then also the distribute_sites run into DIR (trainSAE reuses the ranks' group): five
 trainers on four sites of different widths (one of them (input, output) pairs), each site
 trained by one rank.
 """
 import argparse
 import dataclasses
+import faulthandler
 import json
 import os
 import runpy
@@ -137,9 +138,13 @@ def main():
     parser.add_argument("--sites", type=Path, default=None)
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--empty-rank", type=int, default=None, help="this rank's data yields no batch")
+    parser.add_argument("--deadline", type=float, default=240.0,
+                        help="print every thread's stack and exit after this many seconds (a hang)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="join the ranks here with this timeout (s); without, trainSAE joins them")
     args = parser.parse_args()
+    faulthandler.dump_traceback_later(args.deadline, exit=True)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +161,8 @@ def main():
         setattr(runs, name, counted)
 
     def data(batches):
+        if rank == args.empty_rank:
+            return
         for step, batch in enumerate(batches):
             if rank == args.kill_rank and step == args.kill_at:
                 (out / "killed_at").write_text(str(time.time()))

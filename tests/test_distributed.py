@@ -9,7 +9,8 @@ checkpoint at step 10):
   2. two ranks started by hand (RANK, WORLD_SIZE, MASTER_ADDR as torchrun sets them, no agent)
      on every recipe: rank 1 kills itself (SIGKILL) when asking for batch 15;
   3. `python -m torch.distributed.run --nproc_per_node 2` resuming run 2 from its step-10 state,
-     then (trainSAE joining the ranks again) the four-site sweep with distribute_sites=True.
+     then (trainSAE reusing the group the first call created) the four-site sweep with
+     distribute_sites=True.
 """
 import functools
 import importlib.util
@@ -55,6 +56,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ranks(out: Path, *arguments: str, timeout: float = KILL_TIMEOUT_S) -> list[subprocess.Popen]:
+    """The worker on 2 ranks started by hand, as torchrun would set them up but with no agent (so
+    that nothing but our code stops a rank whose partner is gone)."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, str(WORKER_PATH), str(out), *arguments, "--timeout", str(timeout)],
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     worker = load_worker()
@@ -67,11 +78,7 @@ def runs(tmp_path_factory):
     worker.train_sites(single_sites, worker.site_batches(20), 20)
 
     killed = root / "two_ranks"
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, str(WORKER_PATH), str(killed), "--kill-rank", "1", "--kill-at", "15",
-                               "--timeout", str(KILL_TIMEOUT_S)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    ranks = start_ranks(killed, "--kill-rank", "1", "--kill-at", "15")
     outputs = [rank.communicate(timeout=300) for rank in ranks]
     rank_0_ended = time.time()
     killed_run = {"codes": [rank.returncode for rank in ranks], "stderr": outputs[0][1],
@@ -83,7 +90,7 @@ def runs(tmp_path_factory):
                               str(WORKER_PATH), str(killed), "--resume", "--sites", str(root / "sites")],
                              capture_output=True, text=True, timeout=300,
                              env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
     return {"single": single, "returned": returned, "two": killed, "killed": killed_run,
             "single_sites": single_sites, "sites": root / "sites"}
 
@@ -215,3 +222,13 @@ def test_site_plan_balances_the_cost_of_the_sites():
     plan = distributed.SitePlan({"a": 64, "b": 32, "c": 32, "d": 96}, TwoRanks())
     assert plan.owner == {"d": 0, "a": 1, "b": 1, "c": 0}
     assert plan.sites_of == [["c", "d"], ["a", "b"]] and plan.owns("a") and not plan.owns("d")
+
+
+def test_a_rank_that_cannot_start_stops_every_rank_before_training(tmp_path):
+    ranks = start_ranks(tmp_path, "--empty-rank", "1")
+    (_, rank_0), (_, rank_1) = (rank.communicate(timeout=300) for rank in ranks)
+    assert [rank.returncode for rank in ranks] == [1, 1]
+    assert "ValueError: activations yielded no batches: the data iterator is empty" in rank_1
+    assert ("RuntimeError: trainSAE: rank 1 of 2 could not start the run (ValueError: activations yielded no "
+            "batches: the data iterator is empty); every rank stops") in rank_0
+    assert not (tmp_path / "run" / STATE_FILE).exists() and not (tmp_path / "run" / "trainer_0").exists()
