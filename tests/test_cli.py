@@ -478,7 +478,11 @@ def test_plot_writes_the_curves_of_each_run_and_the_frontier_of_all(trained_run,
 
 
 def test_plot_without_matplotlib_or_logs_is_one_line(tmp_path, capsys, monkeypatch):
-    status, _, err = run_cli(capsys, "plot", str(tmp_path))
+    from dictionary_learning import plots
+
+    with monkeypatch.context() as patch:  # whether or not matplotlib is installed, the missing log is named
+        patch.setattr(plots, "_figure_class", lambda: object)
+        status, _, err = run_cli(capsys, "plot", str(tmp_path))
     assert_one_line_error(status, err, "holds no log.jsonl", code=1)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
     status, _, err = run_cli(capsys, "plot", str(tmp_path))
