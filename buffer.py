@@ -22,6 +22,7 @@ only (attention mask; with `remove_bos`, also drop each row's leading BOS).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -134,6 +135,8 @@ class ActivationBuffer:
         self._free = torch.arange(self.capacity, device=self.device)
         self._overflow: list[torch.Tensor] | None = None  # rows computed beyond the free slots, per read
         self._data_exhausted = False
+        self._texts_read = 0
+        self._first_texts_sha256: str | None = None  # set by `fingerprint`, which peeks before any read
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.seed = seed
@@ -192,16 +195,79 @@ class ActivationBuffer:
     def __next__(self) -> Any:
         """A batch of `out_batch_size` unread rows: a tensor [out_batch_size, d_submodule] for one
         site, an (inputs, outputs) pair for io="in_to_out", a dict {site: batch} with `submodules`."""
-        if self.n_unread < self.capacity // 2 and not (self._data_exhausted and self._overflow is None):
-            self.refresh()
-        if self.n_unread == 0:
+        rows = self._next_slots()
+        if rows is None:
             raise StopIteration
-        rows = self._order[self._next : self._next + self.out_batch_size]
-        self._next += len(rows)
         reads = iter(self._storage[:, start:end].index_select(0, rows) for start, end in self._columns)
         batch = {name: tuple(next(reads) for _ in site.reads) for name, site in self.sites.items()}
         batch = {name: pair if len(pair) == 2 else pair[0] for name, pair in batch.items()}
         return next(iter(batch.values())) if self.single_site else batch
+
+    def _next_slots(self) -> torch.Tensor | None:
+        """The storage slots of the next batch, refilling first once half the rows were read; None
+        when every row was served and the data ran out."""
+        if self.n_unread < self.capacity // 2 and not (self._data_exhausted and self._overflow is None):
+            self.refresh()
+        if self.n_unread == 0:
+            return None
+        slots = self._order[self._next : self._next + self.out_batch_size]
+        self._next += len(slots)
+        return slots
+
+    def skip(self, n_batches: int) -> None:
+        """Move past the next `n_batches` batches exactly as serving them would, but run the model
+        only on the texts whose activations are still held afterwards. Call it on a fresh buffer.
+
+        Which rows fill which slots, and the shuffles, depend only on each forward pass's token
+        count, so the texts are tokenized and the bookkeeping replayed on (forward pass, row) labels
+        instead of activations. Each forward pass with a row left unserved at the end is then run
+        again on the same tokens (same batch, so the same numbers) and its rows put back in their
+        slots. That recomputes a bounded number of passes — those whose rows survived the random
+        serving order, about log2(rows per pass) refills' worth — whatever `n_batches` is."""
+        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 0:
+            raise ValueError(f"n_batches must be an int >= 0; got {n_batches!r}")
+        if n_batches == 0:
+            return
+        if self._texts_read or len(self._order) or self._overflow is not None:
+            raise RuntimeError("skip() must come before the buffer reads any text: build a fresh ActivationBuffer")
+        storage, columns, rows_of = self._storage, self._columns, self._activations
+        labels = torch.empty(self.capacity, 2, dtype=torch.long, device=self.device)  # (pass, row) of each slot
+        encodings: dict[int, dict[str, torch.Tensor]] = {}  # the passes with rows not yet served
+        unserved: list[int] = []  # rows not yet served, per pass
+
+        def label_rows(encoding: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+            n_tokens = int(token_mask(encoding["input_ids"], encoding["attention_mask"],
+                                      self.tokenizer.bos_token_id if self.remove_bos else None).sum())
+            if n_tokens == 0:
+                return None
+            encodings[len(unserved)] = encoding
+            rows = torch.arange(n_tokens, device=self.device)
+            unserved.append(n_tokens)
+            return [torch.stack([torch.full_like(rows, len(unserved) - 1), rows], dim=1)]
+
+        self._storage, self._columns, self._activations = labels, [(0, 2)], label_rows
+        try:
+            for _ in tqdm(range(n_batches), desc="skipping trained batches (tokenizing only)", unit="batch",
+                          leave=False, delay=FILL_BAR_DELAY, disable=not self.progress, dynamic_ncols=True):
+                slots = self._next_slots()
+                if slots is None:
+                    break
+                for forward_pass, count in zip(*labels[slots, 0].unique(return_counts=True)):
+                    unserved[forward_pass] -= int(count)
+                    if unserved[forward_pass] == 0:
+                        del encodings[int(forward_pass)]
+            overflow = self._overflow
+        finally:
+            self._storage, self._columns, self._activations = storage, columns, rows_of
+        held = self._order[self._next :]  # the unserved slots: the model refills these
+        held_labels = labels[held]
+        for forward_pass in sorted(encodings):
+            reads = self._activations(encodings.pop(forward_pass))
+            mine = held_labels[:, 0] == forward_pass
+            for (start, end), rows in zip(self._columns, reads):
+                self._storage[:, start:end].index_copy_(0, held[mine], rows.index_select(0, held_labels[mine, 1]))
+            if overflow is not None and int(overflow[0][0, 0]) == forward_pass:
+                self._overflow = [rows.index_select(0, overflow[0][:, 1]) for rows in reads]
 
     @property
     def n_unread(self) -> int:
@@ -255,6 +321,7 @@ class ActivationBuffer:
         """The next `batch_size` (default `refresh_batch_size`) texts; fewer at the end, [] after."""
         batch_size = self.refresh_batch_size if batch_size is None else batch_size
         texts = list(itertools.islice(self.data, batch_size))
+        self._texts_read += len(texts)
         if len(texts) < batch_size:
             self._data_exhausted = True
         for text in texts:
@@ -314,6 +381,23 @@ class ActivationBuffer:
                 for act in reads], keep
 
     # ------------------------------------------------------------------ saving
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What identifies this buffer's batches, for trainSAE to record with a run's state and check
+        on resume: the config without the device, and the SHA-256 of the first `refresh_batch_size`
+        texts (peeked without consuming them). None once the buffer has read texts it did not peek."""
+        if self._first_texts_sha256 is None:
+            if self._texts_read:
+                return None
+            texts = list(itertools.islice(self.data, self.refresh_batch_size))
+            self.data = itertools.chain(texts, self.data)
+            digest = hashlib.sha256()
+            for text in texts:
+                encoded = str(text).encode("utf-8", "surrogatepass")
+                digest.update(len(encoded).to_bytes(8, "little") + encoded)
+            self._first_texts_sha256 = digest.hexdigest()
+        return {**{k: v for k, v in self.config.items() if k != "device"}, "first_texts_sha256": self._first_texts_sha256}
 
     @property
     def config(self) -> dict[str, Any]:

@@ -299,27 +299,28 @@ def _fingerprint(batch: Any) -> str:
     return digest.hexdigest()
 
 
-def _data_source(data: Any) -> dict[str, Any] | None:
-    """What the data stream says it is: its `fingerprint` (CachedActivations), else its config
-    without the device (an ActivationBuffer: model, sites, seed, ...), else None (a list, a generator)."""
-    fingerprint = getattr(data, "fingerprint", None)
-    if isinstance(fingerprint, Mapping):
-        return json.loads(json.dumps(fingerprint, default=json_default))
-    config = getattr(data, "config", None)
-    if isinstance(config, Mapping):
-        return json.loads(json.dumps({k: v for k, v in config.items() if k != "device"}, default=json_default))
-    return None
+def _data_source(data: Any, skipping: bool) -> dict[str, Any] | None:
+    """What the data stream says it is: for a source that skips by itself, its `fingerprint`;
+    otherwise its config without the device (an ActivationBuffer: model, sites, seed, ...), else
+    its fingerprint, else None (a list, a generator)."""
+    fingerprint, config = getattr(data, "fingerprint", None), getattr(data, "config", None)
+    if not skipping and isinstance(config, Mapping):
+        fingerprint = {k: v for k, v in config.items() if k != "device"}
+    return json.loads(json.dumps(fingerprint, default=json_default)) if isinstance(fingerprint, Mapping) else None
 
 
 def _data_batches(data: Any, steps_done: int, saved: dict[str, Any] | None,
                   replicas: Replicas = SINGLE_PROCESS) -> tuple[Iterator[Any], dict[str, Any]]:
     """`data`'s batches after the first `steps_done` (a resumed run's), and the record that
     identifies the stream (saved with the state, checked against `saved` on resume). A source that
-    can skip by itself (`skip(n)` with a `fingerprint`, e.g. CachedActivations) does, reading
-    nothing; any other is identified also by its first batch's hash, and read and skipped."""
-    source = _data_source(data)
-    if callable(getattr(data, "skip", None)) and isinstance(getattr(data, "fingerprint", None), Mapping):
-        record = {"source": source}
+    can skip by itself (`skip(n)` with a `fingerprint`: CachedActivations decodes nothing, an
+    ActivationBuffer runs the model only for the rows it still holds) does; any other is identified
+    also by its first batch's hash, and read and skipped (as are states saved before a source could
+    skip, which recorded that hash)."""
+    saved_by_replay = bool(saved and saved.get("first_batch_sha256"))
+    if callable(getattr(data, "skip", None)) and not saved_by_replay \
+            and isinstance(getattr(data, "fingerprint", None), Mapping):
+        record = {"source": _data_source(data, skipping=True)}
         _check_same_data(saved, record, replicas)
         if steps_done:
             data.skip(steps_done)
@@ -328,7 +329,7 @@ def _data_batches(data: Any, steps_done: int, saved: dict[str, Any] | None,
     first = next(batches, None)
     if first is None:
         raise ValueError("activations yielded no batches: the data iterator is empty")
-    record = {"source": source, "first_batch_sha256": _fingerprint(first)}
+    record = {"source": _data_source(data, skipping=False), "first_batch_sha256": _fingerprint(first)}
     _check_same_data(saved, record, replicas)
     return _skipped(itertools.chain([first], batches), steps_done), record
 

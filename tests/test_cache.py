@@ -488,3 +488,127 @@ def test_resuming_on_a_buffer_with_another_seed_is_an_error(lm, tmp_path):
     with pytest.raises(ValueError, match=r"seed: saved 0, now 1\); pass the same data source .*the same seed"):
         trainSAE(buffer(1), trainer_configs=config, steps=8, resume_from=tmp_path, progress=False)
     trainSAE(buffer(0), trainer_configs=config, steps=8, resume_from=tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming on an ActivationBuffer without rerunning the model over the data already used
+# --------------------------------------------------------------------------------------------
+
+def counting_buffer(lm, texts, **kwargs):
+    """An ActivationBuffer that counts the texts its model runs on (its forward passes' batch rows)."""
+    buffer = ActivationBuffer(iter(texts), lm, **{"n_ctxs": 16, "ctx_len": 24, "refresh_batch_size": 8,
+                                                  "out_batch_size": 40, "seed": 3, **kwargs})
+    buffer.texts_run = 0
+    reader = buffer.reader
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(reader, name)
+
+        def __call__(self, encoding):
+            buffer.texts_run += len(encoding["input_ids"])
+            return reader(encoding)
+
+    buffer.reader = Counted()
+    return buffer
+
+
+def same_batches(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_batches(a[k], b[k]) for k in a)
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sites", [{"submodule": MLP0}, {"submodule": MLP0, "io": "in_to_out", "remove_bos": True},
+                                   {"submodules": SITES}])
+def test_a_skipped_buffer_serves_exactly_the_batches_that_follow(lm, sites):
+    texts = documents(300)
+    whole = list(counting_buffer(lm, texts, **sites))
+    for n in (1, 7, 30, len(whole) - 1, len(whole) + 5):
+        buffer = counting_buffer(lm, texts, **sites)
+        buffer.skip(n)
+        rest = list(buffer)
+        assert len(rest) == max(len(whole) - n, 0)
+        assert all(same_batches(a, b) for a, b in zip(whole[n:], rest))
+
+
+def test_skipping_runs_the_model_on_a_bounded_number_of_texts(lm):
+    texts = documents(600)
+    runs = []
+    for n in (100, 300):
+        uninterrupted, skipped = counting_buffer(lm, texts, submodule=MLP0), counting_buffer(lm, texts, submodule=MLP0)
+        for _ in range(n):
+            next(uninterrupted)
+        skipped.skip(n)
+        assert same_batches(next(skipped), next(uninterrupted))
+        runs.append((skipped.texts_run, uninterrupted.texts_run))
+    (short, short_whole), (long, long_whole) = runs
+    assert long_whole > 2.5 * short_whole and long < 1.5 * short  # grows with the run uninterrupted, not skipped
+    assert long < long_whole / 4
+
+
+def test_skip_wants_a_fresh_buffer_and_a_count(lm):
+    buffer = counting_buffer(lm, documents(50), submodule=MLP0)
+    with pytest.raises(ValueError, match="n_batches must be an int >= 0"):
+        buffer.skip(-1)
+    next(buffer)
+    with pytest.raises(RuntimeError, match="skip\\(\\) must come before the buffer reads any text"):
+        buffer.skip(2)
+    assert buffer.fingerprint is None  # it read texts it did not peek: trainSAE replays it
+
+
+def test_a_run_on_a_buffer_resumes_without_rerunning_the_model_over_trained_data(lm, tmp_path):
+    texts = documents(400)
+    config = [{"trainer": "TopKTrainer", "activation_dim": 32, "dict_size": 64, "k": 4, "warmup_steps": 2,
+               "threshold_start_step": 2, "seed": 0}]
+
+    def train(save_dir, data, **kwargs):
+        return trainSAE(data, trainer_configs=config, steps=200, save_dir=save_dir, save_steps=[180], progress=False,
+                        **kwargs)[0]
+
+    whole_buffer = counting_buffer(lm, texts, submodule=MLP0)
+    whole = train(tmp_path / "whole", whole_buffer)
+
+    class Interrupted(ActivationBuffer):  # cut after the checkpoint at step 180
+        served = 0
+
+        def __next__(self):
+            self.served += 1
+            if self.served > 182:
+                raise KeyboardInterrupt
+            return super().__next__()
+
+    cut = counting_buffer(lm, texts, submodule=MLP0)
+    cut.__class__ = Interrupted
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut", cut)
+    resumed_buffer = counting_buffer(lm, texts, submodule=MLP0)
+    resumed = train(tmp_path / "cut", resumed_buffer, resume_from=tmp_path / "cut")
+    assert all(torch.equal(value, resumed.state_dict()[key]) for key, value in whole.state_dict().items())
+    assert resumed_buffer.texts_run < whole_buffer.texts_run / 2  # not the 180 steps' texts again
+    with pytest.raises(ValueError, match=r"data source differs .*first_texts_sha256"):
+        train(tmp_path / "cut", counting_buffer(lm, texts[1:], submodule=MLP0), resume_from=tmp_path / "cut")
+
+
+def test_a_buffer_run_saved_before_buffers_could_skip_resumes_by_replaying(lm, tmp_path):
+    texts = documents(100)
+    config = [{"trainer": "StandardTrainer", "activation_dim": 32, "dict_size": 64, "lr": 1e-3,
+               "sparsity_penalty": 1e-3, "warmup_steps": 2, "seed": 0}]
+
+    class Older(ActivationBuffer):  # as this library's buffers were: no fingerprint, no skip
+        fingerprint = None
+
+    def train(data, steps, **kwargs):
+        return trainSAE(data, trainer_configs=config, steps=steps, progress=False, **kwargs)[0]
+
+    old = counting_buffer(lm, texts, submodule=MLP0)
+    old.__class__ = Older
+    train(old, 12, save_steps=[12], save_dir=tmp_path / "cut")
+    state = torch.load(tmp_path / "cut" / "training_state.pt", weights_only=True)
+    assert "first_batch_sha256" in json.dumps(state.get("data", state))
+    resumed_buffer = counting_buffer(lm, texts, submodule=MLP0)
+    resumed = train(resumed_buffer, 20, save_dir=tmp_path / "cut", resume_from=tmp_path / "cut")
+    whole = train(counting_buffer(lm, texts, submodule=MLP0), 20)
+    assert all(torch.equal(value, resumed.state_dict()[key]) for key, value in whole.state_dict().items())
