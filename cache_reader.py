@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import this_rank
 from .shards import MANIFEST, Column, ShardFile, as_tensor, file_sha256, positive_int, read_manifest
 
 __all__ = ["CachedActivations"]
@@ -55,6 +56,10 @@ class CachedActivations:
         workers: threads decoding frames (one is enough while a step takes longer than a decode).
         prefetch: decoded frames kept ready (default: enough for two batches).
         verify: check every shard's sha256 against the manifest when opening (reads the whole cache).
+        rank, world_size: read only this rank's share: of the frames in reading order (drawn from
+            `seed`, the same on every rank), frames rank, rank + R, ..., each rank shuffling its own
+            in its own window. Default: torch.distributed's ranks, or torchrun's RANK and WORLD_SIZE
+            (so that under torchrun, trainSAE's ranks train on disjoint rows); one process reads all.
 
     Memory: the window (`shuffle_window` rows of the selected sites) plus at most `prefetch` +
     `workers` + 1 decoded frames of `frame_rows` rows; `peak_rows_held` reports what was held.
@@ -73,6 +78,8 @@ class CachedActivations:
         workers: int = 1,
         prefetch: int | None = None,
         verify: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
     ):
         self.batch_size = positive_int("batch_size", batch_size)
         self.shuffle_window = positive_int("shuffle_window", shuffle_window)
@@ -106,6 +113,7 @@ class CachedActivations:
         if verify:
             self.verify()
         self.seed = int(seed) if seed is not None else secrets.randbits(62)
+        self.rank, self.world_size = this_rank(rank, world_size, caller="CachedActivations")
         self._generator = torch.Generator().manual_seed(self.seed)
         self._batches: Iterator[Any] | None = None
         self._prefetcher: _FramePrefetcher | None = None
@@ -184,7 +192,8 @@ class CachedActivations:
         return {"source": "CachedActivations", "config_sha256": self.manifest["config_sha256"], "rows": self.rows,
                 "shards_sha256": shards, "sites": list(self.sites), "batch_size": self.batch_size,
                 "shuffle": self.shuffle, "seed": self.seed, "shuffle_window": self.shuffle_window,
-                "epochs": self.epochs, "dtype": None if self.dtype is None else str(self.dtype)}
+                "epochs": self.epochs, "dtype": None if self.dtype is None else str(self.dtype),
+                **({"rank": self.rank, "world_size": self.world_size} if self.world_size > 1 else {})}
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads the whole cache)."""
@@ -254,7 +263,7 @@ class CachedActivations:
         if self._skip:
             window, blocks, start, used = self._skipped(order_seed)
         decode = _FrameDecoder(self._shards, self._frames, self._parts, self._all_columns, self._byte_shuffle)
-        order = itertools.islice(_frame_order(len(self._frames), order_seed, self.shuffle, self.epochs), start, None)
+        order = itertools.islice(self._frame_order(order_seed), start, None)
         self._prefetcher = prefetcher = _FramePrefetcher(decode, order, self.prefetch, self.workers)
         rows = _RowStream(prefetcher, used)
         try:
@@ -264,7 +273,7 @@ class CachedActivations:
                     yield self._batch([as_tensor(part, column) for part, column in zip(columns, self._columns)])
                 return
             if window is None:
-                window = _Window(self._window_size(), self.batch_size, self._generator)
+                window = _Window(self._window_size(), self.batch_size, self._window_generator())
                 blocks = [_RowBlock(window.size, column) for column in self._columns]
                 window.start(rows, blocks)
             self._window_rows = window.size
@@ -275,15 +284,28 @@ class CachedActivations:
         finally:
             prefetcher.close()
 
+    def _frame_order(self, order_seed: int) -> Iterator[int]:
+        """This rank's frames in reading order."""
+        order = _frame_order(len(self._frames), order_seed, self.shuffle, self.epochs)
+        return itertools.islice(order, self.rank, None, self.world_size)
+
+    def _window_generator(self) -> torch.Generator:
+        """The window's shuffles: the reader's generator in one process; one of this rank's own
+        (seeded from the seed and the rank) when several share the frame order."""
+        if self.world_size == 1:
+            return self._generator
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{self.seed}/{self.rank}".encode())
+                                                            .digest()[:8], "little") >> 1)
+
     def _window_size(self) -> int:
-        stream_rows = self.rows * self.epochs if self.epochs is not None else self.shuffle_window
+        stream_rows = -(-self.rows * self.epochs // self.world_size) if self.epochs is not None else self.shuffle_window
         return min(self.shuffle_window, stream_rows)
 
     def _skipped(self, order_seed: int) -> tuple["_Window | None", list | None, int, int]:
         """Run `self._skip` batches on row indices instead of rows (same generator draws, nothing
         decoded); then decode the rows the window holds. Returns the window, its blocks, and where
         the frame stream continues (frames already started, rows of the last one used)."""
-        ids = _RowIds(_frame_order(len(self._frames), order_seed, self.shuffle, self.epochs), [rows for _, _, rows in self._frames])
+        ids = _RowIds(self._frame_order(order_seed), [rows for _, _, rows in self._frames])
         stream = _RowStream(ids)
         window = blocks = None
         if not self.shuffle:
@@ -291,7 +313,7 @@ class CachedActivations:
                 if not stream.take(self.batch_size):
                     raise _ran_out(self._skip, done)
         else:
-            window = _Window(self._window_size(), self.batch_size, self._generator)
+            window = _Window(self._window_size(), self.batch_size, self._window_generator())
             held = [_RowIdBlock(window.size)]
             window.start(stream, held)
             for done in range(self._skip):

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from .kernels import SparseCodes, largest_entries
 
 __all__ = ["Replicas", "SINGLE_PROCESS", "RankLost", "SitePlan", "DEFAULT_TIMEOUT", "launched", "init_process_group",
-           "destroy_process_group", "world_replicas", "rank_shard", "is_writer"]
+           "destroy_process_group", "world_replicas", "rank_shard", "this_rank", "is_writer"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 """How long a collective waits for the other ranks before the run stops with an error (a rank that
@@ -96,17 +96,28 @@ def is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def this_rank(rank: int | None = None, world_size: int | None = None, caller: str = "rank_shard") -> tuple[int, int]:
+    """(rank, world size): the ones given, else torch.distributed's, else torchrun's RANK and
+    WORLD_SIZE (the process group may not exist yet), else (0, 1)."""
+    if rank is None and world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return (int(os.environ.get("RANK", "0")), _environment_world_size()) if launched() else (0, 1)
+    if rank is None or world_size is None:
+        raise ValueError(f"{caller}: pass both rank= and world_size=, or neither (then torch.distributed's or "
+                         "torchrun's are used)")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"{caller}: world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"{caller}: rank must be in [0, world_size={world_size}), got {rank!r}")
+    return rank, world_size
+
+
 def rank_shard(items: Iterable[Any], rank: int | None = None, world_size: int | None = None) -> Iterator[Any]:
     """This rank's share of a stream (texts, batches): items rank, rank + R, rank + 2R, ... of R ranks
     (by default those of torch.distributed, or torchrun's RANK and WORLD_SIZE; everything in one
     process)."""
-    if rank is None or world_size is None:
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank, world_size = int(os.environ.get("RANK", "0")), _environment_world_size()
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank_shard: rank must be in [0, world_size={world_size}), got {rank}")
+    rank, world_size = this_rank(rank, world_size)
     for index, item in enumerate(items):
         if index % world_size == rank:
             yield item

@@ -352,6 +352,8 @@ def _check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], replicas
                           "differ from those of an uninterrupted run (the training state itself carries over)",
                           stacklevel=4)
     source, saved_source = now.get("source"), saved.get("source")
+    if len(saved_ranks) != replicas.size:  # each rank's share of a source that deals itself out differs: not the source
+        source, saved_source = (_without_rank(s) for s in (source, saved_source))
     if source != saved_source:
         if isinstance(source, Mapping) and isinstance(saved_source, Mapping):
             differing = sorted(k for k in set(source) | set(saved_source) if source.get(k) != saved_source.get(k))
@@ -366,6 +368,10 @@ def _check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], replicas
         raise ValueError("resume_from: the data's first batch differs from the interrupted run's: other texts, "
                          "another order or another buffer seed. Pass the same data from its beginning (an "
                          "ActivationBuffer with seed=None draws a new order each time: pass seed=)")
+
+
+def _without_rank(source: Any) -> Any:
+    return {k: v for k, v in source.items() if k not in ("rank", "world_size")} if isinstance(source, Mapping) else source
 
 
 NORMALIZATION_BATCHES = 8

@@ -202,6 +202,36 @@ def test_memory_is_bounded_by_the_window(lm, tmp_path):
     assert 256 <= reader.peak_rows_held <= 256 + (2 + 1 + 1) * frame_rows  # window + queued + decoding + in use
 
 
+def test_ranks_read_disjoint_shares_that_cover_the_cache(lm, tmp_path, monkeypatch):
+    write(lm, tmp_path, 1500, dtype=torch.float32)
+    stored = in_order(tmp_path, site=LAYER1)
+
+    def served(rank, world_size=2, seed=0, **kwargs):
+        return list(CachedActivations(tmp_path, site=LAYER1, batch_size=50, shuffle_window=200, seed=seed,
+                                      rank=rank, world_size=world_size, **kwargs))
+
+    shares = [torch.cat(served(rank)) for rank in (0, 1)]
+    assert same_multiset(torch.cat(shares), stored)  # every row once, on one rank
+    assert abs(len(shares[0]) - len(shares[1])) <= 2 * 64  # dealt by frames of <= 64 rows (shards end in shorter ones)
+    assert all(torch.equal(a, b) for a, b in zip(served(1), served(1)))
+    assert torch.equal(torch.cat(served(0, world_size=1)), torch.cat(served(None, world_size=None)))
+    for rank in (0, 1):  # a rank's reader skips within its own share
+        reader = CachedActivations(tmp_path, site=LAYER1, batch_size=50, shuffle_window=200, seed=0, rank=rank,
+                                   world_size=2)
+        reader.skip(5)
+        assert all(torch.equal(a, b) for a, b in zip(reader, served(rank)[5:]))
+    monkeypatch.setenv("RANK", "1")  # torchrun's variables, before trainSAE starts the process group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    under_torchrun = CachedActivations(tmp_path, site=LAYER1, batch_size=50, shuffle_window=200, seed=0)
+    assert (under_torchrun.rank, under_torchrun.world_size) == (1, 2)
+    assert under_torchrun.fingerprint["rank"] == 1 and all(torch.equal(a, b) for a, b in zip(under_torchrun, served(1)))
+    with pytest.raises(ValueError, match="CachedActivations: rank must be in \\[0, world_size=2\\)"):
+        served(2)
+    with pytest.raises(ValueError, match="pass both rank= and world_size="):
+        CachedActivations(tmp_path, rank=1)
+
+
 # --------------------------------------------------------------------------------------------
 # Resuming, appending, one writer
 # --------------------------------------------------------------------------------------------
