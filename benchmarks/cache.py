@@ -30,7 +30,9 @@ reading    rows/s over one epoch of the bf16 cache: "zstd" decompresses every fr
            first 31 (the epoch's last) with skip(31) (nothing decoded but the window's rows) and by
            reading them.
 training   trainSAE with one TopKTrainer (F = 16 d, k = 32, batch 4,096) fed by CachedActivations
-           against the same batches held in memory as a list (the same bf16 tensors, read before).
+           against the same batches held in memory as a list (the same bf16 tensors, read before);
+           wall clock, and the process's CPU time (every thread: the reader's decoding included),
+           which a loaded machine disturbs less.
 sweep      (bundled model) M TopK trainers (k = 8, 16, 32, 64) trained for S steps each: "on the fly"
            M runs, each with its own ActivationBuffer; "one pass" one run of M trainers on one
            buffer; "cache" cache_activations of S × 4,096 rows once, then M runs from the cache.
@@ -233,17 +235,22 @@ def training_from_cache(folder: Path, d: int, rounds: int, steps: int) -> dict:
     reader = cache()
     in_memory = [next(reader) for _ in range(steps)]
     reader.close()
-    seconds = {"memory": [], "cache": []}
+    seconds: dict[str, list[float]] = {"memory": [], "cache": [], "memory cpu": [], "cache cpu": []}
+
+    def timed(name: str, fn) -> None:
+        cpu = time.process_time()  # every thread of the process: the reader's decoding included
+        seconds[name].append(wall_seconds(fn))
+        seconds[f"{name} cpu"].append(time.process_time() - cpu)
+
     trainSAE(in_memory, trainer_configs=config, steps=2, progress=False)  # warm up
     for _ in range(rounds):
-        seconds["memory"].append(wall_seconds(lambda: trainSAE(in_memory, trainer_configs=config, steps=steps,
-                                                                progress=False)))
+        timed("memory", lambda: trainSAE(in_memory, trainer_configs=config, steps=steps, progress=False))
         with cache() as data:
-            seconds["cache"].append(wall_seconds(lambda: trainSAE(data, trainer_configs=config, steps=steps,
-                                                                   progress=False)))
+            timed("cache", lambda: trainSAE(data, trainer_configs=config, steps=steps, progress=False))
     median = {name: statistics.median(values) for name, values in seconds.items()}
     return {"steps": steps, "memory s": median["memory"], "cache s": median["cache"],
-            "cache speed / memory": median["memory"] / median["cache"], "runs": seconds}
+            "cache speed / memory": median["memory"] / median["cache"],
+            "cpu: cache speed / memory": median["memory cpu"] / median["cache cpu"], "runs": seconds}
 
 
 # -------------------------------------------------------------------------------------------
@@ -345,7 +352,8 @@ def main() -> None:
             train = training_from_cache(folder, d, config["rounds"], train_steps)
             tables["train"].append({"model": spec["name"], "d": d, "dict_size": 16 * d, "steps": train_steps,
                                     "memory s": train["memory s"], "cache s": train["cache s"],
-                                    "cache speed / memory": train["cache speed / memory"]})
+                                    "cache speed / memory": train["cache speed / memory"],
+                                    "cpu: cache speed / memory": train["cpu: cache speed / memory"]})
             results.append({"model": spec["name"], "d": d, "writing": written, "reading": read, "training": train})
             if spec["name"].startswith("bundled") and not args.no_sweep:
                 report(args, config, tables, results, complete=False)
