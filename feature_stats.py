@@ -198,7 +198,6 @@ class FeatureCollector:
             values, position, columns = (t.index_select(0, counted) for t in (values, position, columns))
         values = values.float()
         n_latents = self.dict_size
-        cells = position * n_latents + columns  # [M] increasing: where each entry sits in [B·T, F]
         # the global index of each counted token: tokens counted before this batch, then in order
         token_index = self.n_tokens + keep.reshape(-1).cumsum(0) - 1  # [B·T]
 
@@ -210,6 +209,17 @@ class FeatureCollector:
         torch.maximum(self.value_max, batch_max, out=self.value_max)
 
         offsets = torch.arange(-self.context, self.context + 1, device=device)
+        width = len(offsets)
+        by_latent: dict[str, torch.Tensor] = {}
+
+        def latent_order() -> dict[str, torch.Tensor]:
+            """The entries ordered by (latent, position), and each entry's place in that order: a
+            latent's nonzeros within `context` positions of an entry are its neighbours there."""
+            if not by_latent:
+                order = (columns * (batch * length) + position).argsort()
+                by_latent.update(position=position[order], column=columns[order], value=values[order],
+                                 place=torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=device)))
+            return by_latent
 
         def describe(entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
             """Values, token indices, and the token ids and the latent's values at the `context`
@@ -221,10 +231,18 @@ class FeatureCollector:
             at = at.clamp(0, length - 1)
             shown = inside & real[row[:, None], at]
             ids = torch.where(shown, token_ids[row[:, None], at], -1).to(torch.int32)
-            wanted = (row[:, None] * length + at) * n_latents + latent[:, None]  # [m, W]
-            found = torch.searchsorted(cells, wanted).clamp_max(len(cells) - 1)
-            hit = inside & (cells[found] == wanted)  # the latent is nonzero there (and counted)
-            return values[entries], token_index[pos], ids, torch.where(hit, values[found], 0.0)
+            # the latent's nonzeros near each entry: at most `context` places either side in the
+            # (latent, position) order, kept when they share the entry's latent and context
+            order = latent_order()
+            near = (order["place"][entries][:, None] + offsets).clamp(0, len(values) - 1)  # [m, W]
+            near_position = order["position"][near]
+            shift = near_position - pos[:, None]
+            hit = (order["column"][near] == latent[:, None]) & (near_position // length == row[:, None]) & \
+                (shift.abs() <= self.context)
+            window_values = torch.zeros(len(entries), width, device=device)
+            slot = torch.arange(len(entries), device=device)[:, None] * width + shift + self.context
+            window_values.view(-1)[slot[hit]] = order["value"][near[hit]]
+            return values[entries], token_index[pos], ids, window_values
 
         self.top.offer(values, columns, describe)
         if self.samples.k:
