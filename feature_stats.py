@@ -210,16 +210,34 @@ class FeatureCollector:
 
         offsets = torch.arange(-self.context, self.context + 1, device=device)
         width = len(offsets)
-        by_latent: dict[str, torch.Tensor] = {}
+        lookup: dict[str, torch.Tensor] = {}
 
-        def latent_order() -> dict[str, torch.Tensor]:
-            """The entries ordered by (latent, position), and each entry's place in that order: a
-            latent's nonzeros within `context` positions of an entry are its neighbours there."""
-            if not by_latent:
+        def window_values(entries, pos, latent, row, at, inside) -> torch.Tensor:
+            """[m, W] the latent's value at each window position of each entry (0 where it is zero
+            or not counted). Few entries: a binary search of each position among the batch's
+            nonzeros; many: the entry's neighbours in (latent, position) order, where a latent's
+            nonzeros within `context` positions of an entry sit at most `context` places away."""
+            if len(entries) * width <= len(values):
+                if "cells" not in lookup:
+                    lookup["cells"] = position * n_latents + columns  # [M] increasing: place in [B·T, F]
+                cells = lookup["cells"]
+                wanted = (row[:, None] * length + at) * n_latents + latent[:, None]  # [m, W]
+                found = torch.searchsorted(cells, wanted).clamp_max(len(cells) - 1)
+                hit = inside & (cells[found] == wanted)
+                return torch.where(hit, values[found], 0.0)
+            if "place" not in lookup:
                 order = (columns * (batch * length) + position).argsort()
-                by_latent.update(position=position[order], column=columns[order], value=values[order],
-                                 place=torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=device)))
-            return by_latent
+                lookup.update(position=position[order], column=columns[order], value=values[order],
+                              place=torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=device)))
+            near = (lookup["place"][entries][:, None] + offsets).clamp(0, len(values) - 1)  # [m, W]
+            near_position = lookup["position"][near]
+            shift = near_position - pos[:, None]
+            hit = (lookup["column"][near] == latent[:, None]) & (near_position // length == row[:, None]) & \
+                (shift.abs() <= self.context)
+            found = torch.zeros(len(entries), width, device=device)
+            slot = torch.arange(len(entries), device=device)[:, None] * width + shift + self.context
+            found.view(-1)[slot[hit]] = lookup["value"][near[hit]]
+            return found
 
         def describe(entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
             """Values, token indices, and the token ids and the latent's values at the `context`
@@ -231,18 +249,7 @@ class FeatureCollector:
             at = at.clamp(0, length - 1)
             shown = inside & real[row[:, None], at]
             ids = torch.where(shown, token_ids[row[:, None], at], -1).to(torch.int32)
-            # the latent's nonzeros near each entry: at most `context` places either side in the
-            # (latent, position) order, kept when they share the entry's latent and context
-            order = latent_order()
-            near = (order["place"][entries][:, None] + offsets).clamp(0, len(values) - 1)  # [m, W]
-            near_position = order["position"][near]
-            shift = near_position - pos[:, None]
-            hit = (order["column"][near] == latent[:, None]) & (near_position // length == row[:, None]) & \
-                (shift.abs() <= self.context)
-            window_values = torch.zeros(len(entries), width, device=device)
-            slot = torch.arange(len(entries), device=device)[:, None] * width + shift + self.context
-            window_values.view(-1)[slot[hit]] = order["value"][near[hit]]
-            return values[entries], token_index[pos], ids, window_values
+            return values[entries], token_index[pos], ids, window_values(entries, pos, latent, row, at, inside)
 
         self.top.offer(values, columns, describe)
         if self.samples.k:
