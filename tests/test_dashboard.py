@@ -379,3 +379,6 @@ def test_token_texts_show_the_bytes_of_partial_characters():
     shown = "".join(texts[i] for i in ids)  # the bytes, in order, as escapes: the text's UTF-8
     assert shown.encode("latin-1").decode("unicode_escape").encode("latin-1").decode("utf-8") == text
     assert texts[ids[0]] == "x" and texts[ids[1]] == " ="  # whole characters decode as before
+    (control,) = tokenizer.encode("\x1e", add_special_tokens=False)
+    (newline,) = tokenizer.encode("\n", add_special_tokens=False)
+    assert token_texts(tokenizer, [control, newline]) == {control: "\\x1e", newline: "\n"}  # not an empty box
