@@ -199,13 +199,13 @@ def text_dataset(dataset: str) -> str:
 
 def _cached_sites(config: TrainRunConfig, manifest: dict[str, Any]) -> list[str]:
     """The sites of a cache that `config.sites` (names or globs) select, in the cache's order."""
-    from .sites import _glob_match
+    from .sites import site_matches
 
     names = list(manifest["sites"])
     chosen: list[str] = []
     for pattern in config.sites:
         if any(ch in pattern for ch in "*?["):
-            matches = [name for name in names if _glob_match(name.split("."), pattern.removeprefix("model.").split("."))]
+            matches = [name for name in names if site_matches(name, pattern)]
         else:
             matches = [name for name in names if name == pattern]
         if not matches:
