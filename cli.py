@@ -28,10 +28,11 @@ from .dataclass_args import ConfigError, add_arguments, build, closest, field_do
 from .published import DownloadConfig, download_published
 from .plots import PlotConfig, plot_runs
 from .run_config import TrainRunConfig, recipe_hyperparameters, recipe_label, resolve_run_config
-from .workflow import (RUN_CONFIG_FILE, EvalConfig, ExportConfig, TrainResult, evaluate_runs, export_dictionaries,
-                       read_run_config, train_from_config)
+from .workflow import (RUN_CONFIG_FILE, CacheConfig, DashboardConfig, EvalConfig, ExportConfig, TrainResult,
+                       evaluate_runs, export_dictionaries, read_run_config, train_from_config, write_cache,
+                       write_dashboards)
 
-__all__ = ["main", "Command", "COMMANDS", "RecipesConfig", "PROG"]
+__all__ = ["main", "Command", "COMMANDS", "RecipesConfig", "PushConfig", "PROG"]
 
 PROG = "python -m dictionary_learning"
 
@@ -84,16 +85,21 @@ def train_summary(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
+def _model_loading_bar(progress: bool) -> None:
+    """With --no-progress, no bar while the model loads either."""
+    if not progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
 def train_command(config: TrainRunConfig, argv: list[str]) -> int:
     import torch
 
     from .utils import keep_freed_cpu_memory
 
     config = resolve_run_config(config)
-    if not config.progress:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # the model's loading bar too
+    _model_loading_bar(config.progress)
     if torch.device(config.device).type == "cpu":
         keep_freed_cpu_memory()  # a training process: reuse freed memory (utils.keep_freed_cpu_memory)
     recipes = ", ".join(recipe_label(recipe) for recipe in config.recipes)
@@ -129,6 +135,55 @@ def plot_command(config: PlotConfig, argv: list[str]) -> int:
 
 def download_command(config: DownloadConfig, argv: list[str]) -> int:
     return download_published(config)
+
+
+def cache_command(config: CacheConfig, argv: list[str]) -> int:
+    started = time.perf_counter()
+    _model_loading_bar(config.progress)
+    manifest = write_cache(config)
+    size = sum(entry["bytes"] for entry in manifest["shards"])
+    print(f"{config.path}: {manifest['rows']:,} tokens of {', '.join(manifest['sites'])} ({manifest['io']}, "
+          f"{manifest['dtype']}) in {len(manifest['shards'])} shards, {size / 2**20:.1f} MiB; "
+          f"{_duration(time.perf_counter() - started)}")
+    print(f"next: {PROG} train --dataset {config.path} --sites {' '.join(manifest['sites'])}")
+    return 0
+
+
+def dashboard_command(config: DashboardConfig, argv: list[str]) -> int:
+    _model_loading_bar(config.progress)
+    for index in write_dashboards(config):
+        print(index)
+    return 0
+
+
+@dataclass
+class PushConfig:
+    """What `python -m dictionary_learning push` takes (hub.push_to_hub's arguments)."""
+
+    path: str = field(metadata={"positional": True, "metavar": "RUN_DIR"})
+    """a dictionary folder or a run folder (every dictionary below it, with logs and eval.json)."""
+    repo_id: str = field(metadata={"positional": True, "metavar": "REPO_ID"})
+    """the Hub model repository, OWNER/NAME (created if missing)."""
+    path_in_repo: str = ""
+    """the folder in the repository to upload into (default: its root)."""
+    private: bool | None = None
+    """create the repository private (default: the Hub's default)."""
+    revision: str | None = None
+    """the branch to commit to (default: main)."""
+    commit_message: str | None = None
+    """the commit message (default: names the folder and the number of files)."""
+    include_checkpoints: bool = False
+    """also upload each dictionary's checkpoints/ae_N.pt."""
+
+
+def push_command(config: PushConfig, argv: list[str]) -> int:
+    from .hub import push_to_hub
+
+    url = push_to_hub(config.path, config.repo_id, path_in_repo=config.path_in_repo, private=config.private,
+                      revision=config.revision, commit_message=config.commit_message,
+                      include_checkpoints=config.include_checkpoints)
+    print(f"pushed {config.path} to {url}")
+    return 0
 
 
 def _first_sentence(doc: str | None, limit: int = 100) -> str:
@@ -197,11 +252,18 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
     Command("train", TrainRunConfig, train_command,
             "train dictionaries: a model, a text stream, sites and recipes (no arguments: the bundled offline model, "
             "like the demo)", config_file=True, implied_config_file=_resumed_run_config),
+    Command("cache", CacheConfig, cache_command,
+            "write an activation cache: run the model once, store the sites' activations (train --dataset CACHE_DIR "
+            "reads them)"),
     Command("eval", EvalConfig, eval_command,
             "score the dictionaries of run folders: site, recipe, L0, FVU, dead %, CE/KL recovered"),
     Command("export", ExportConfig, export_command, "write dictionaries in SAELens' format or as safetensors"),
     Command("plot", PlotConfig, plot_command,
             "PNGs of runs: loss, L0, FVU and dead % curves per trainer; the L0-FVU (and CE recovered) frontier"),
+    Command("dashboard", DashboardConfig, dashboard_command,
+            "feature dashboards (static HTML) of the dictionaries of a run folder: top contexts, densities, logit "
+            "effects"),
+    Command("push", PushConfig, push_command, "upload a dictionary or run folder to a Hugging Face Hub repository"),
     Command("download", DownloadConfig, download_command,
             "download the published Pythia-70m-deduped dictionaries (pretrained_dictionary_downloader.sh)"),
     Command("recipes", RecipesConfig, recipes_command, "list the training recipes and their hyperparameters"),

@@ -22,6 +22,7 @@ import html
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,34 @@ def dashboard(dictionary, data, model=None, site=None, out_dir: str | os.PathLik
     return render_dashboard(stats, out, chunk_size=chunk_size, title=title)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+"""The control characters shown as escapes (all but tab and newline)."""
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """{character: byte} of byte-level BPE (GPT-2, Pythia): the printable Latin-1 bytes stand for
+    themselves, every other byte b for chr(256 + its rank among those bytes)."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
 def token_texts(tokenizer, ids) -> dict[int, str]:
-    """{id: the text of that one token} for `ids` (special tokens included, spaces kept)."""
+    """{id: the text of that one token} for `ids` (special tokens included, spaces kept). A byte-level
+    token that is only part of a UTF-8 character (it decodes to U+FFFD) shows its bytes instead,
+    e.g. "\\xe2\\x80", and control characters other than newline and tab show as escapes ("\\x1e"),
+    which a browser would draw as empty boxes or not at all."""
     ids = [int(i) for i in ids]
     texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
                                    clean_up_tokenization_spaces=False)
+    partial = [n for n, text in enumerate(texts) if "\ufffd" in text]
+    if partial:
+        byte_of = _byte_level_alphabet()
+        pieces = tokenizer.convert_ids_to_tokens([ids[n] for n in partial])
+        for n, piece in zip(partial, pieces):
+            if isinstance(piece, str) and piece and all(char in byte_of for char in piece):  # byte-level BPE
+                texts[n] = bytes(byte_of[char] for char in piece).decode("utf-8", errors="backslashreplace")
+    texts = [_CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text) for text in texts]
     return dict(zip(ids, texts))
 
 

@@ -198,7 +198,6 @@ class FeatureCollector:
             values, position, columns = (t.index_select(0, counted) for t in (values, position, columns))
         values = values.float()
         n_latents = self.dict_size
-        cells = position * n_latents + columns  # [M] increasing: where each entry sits in [B·T, F]
         # the global index of each counted token: tokens counted before this batch, then in order
         token_index = self.n_tokens + keep.reshape(-1).cumsum(0) - 1  # [B·T]
 
@@ -210,6 +209,35 @@ class FeatureCollector:
         torch.maximum(self.value_max, batch_max, out=self.value_max)
 
         offsets = torch.arange(-self.context, self.context + 1, device=device)
+        width = len(offsets)
+        lookup: dict[str, torch.Tensor] = {}
+
+        def window_values(entries, pos, latent, row, at, inside) -> torch.Tensor:
+            """[m, W] the latent's value at each window position of each entry (0 where it is zero
+            or not counted). Few entries: a binary search of each position among the batch's
+            nonzeros; many: the entry's neighbours in (latent, position) order, where a latent's
+            nonzeros within `context` positions of an entry sit at most `context` places away."""
+            if len(entries) * width <= len(values):
+                if "cells" not in lookup:
+                    lookup["cells"] = position * n_latents + columns  # [M] increasing: place in [B·T, F]
+                cells = lookup["cells"]
+                wanted = (row[:, None] * length + at) * n_latents + latent[:, None]  # [m, W]
+                found = torch.searchsorted(cells, wanted).clamp_max(len(cells) - 1)
+                hit = inside & (cells[found] == wanted)
+                return torch.where(hit, values[found], 0.0)
+            if "place" not in lookup:
+                order = (columns * (batch * length) + position).argsort()
+                lookup.update(position=position[order], column=columns[order], value=values[order],
+                              place=torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=device)))
+            near = (lookup["place"][entries][:, None] + offsets).clamp(0, len(values) - 1)  # [m, W]
+            near_position = lookup["position"][near]
+            shift = near_position - pos[:, None]
+            hit = (lookup["column"][near] == latent[:, None]) & (near_position // length == row[:, None]) & \
+                (shift.abs() <= self.context)
+            found = torch.zeros(len(entries), width, device=device)
+            slot = torch.arange(len(entries), device=device)[:, None] * width + shift + self.context
+            found.view(-1)[slot[hit]] = lookup["value"][near[hit]]
+            return found
 
         def describe(entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
             """Values, token indices, and the token ids and the latent's values at the `context`
@@ -221,10 +249,7 @@ class FeatureCollector:
             at = at.clamp(0, length - 1)
             shown = inside & real[row[:, None], at]
             ids = torch.where(shown, token_ids[row[:, None], at], -1).to(torch.int32)
-            wanted = (row[:, None] * length + at) * n_latents + latent[:, None]  # [m, W]
-            found = torch.searchsorted(cells, wanted).clamp_max(len(cells) - 1)
-            hit = inside & (cells[found] == wanted)  # the latent is nonzero there (and counted)
-            return values[entries], token_index[pos], ids, torch.where(hit, values[found], 0.0)
+            return values[entries], token_index[pos], ids, window_values(entries, pos, latent, row, at, inside)
 
         self.top.offer(values, columns, describe)
         if self.samples.k:

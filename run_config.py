@@ -59,7 +59,8 @@ class TrainRunConfig:
     its tokenizer."""
     dataset: str = "stdlib"
     """'stdlib' (the bundled model's text: the Python standard library's sources, offline), a .jsonl.zst or .jsonl
-    file, a text file, a folder or glob of .txt files, or a Hugging Face dataset name (streamed)."""
+    file, a text file, a folder or glob of .txt files, a Hugging Face dataset name (streamed), or an activation cache
+    folder (written by the cache command: the model does not run; the cache decides the model and ctx_len)."""
     text_field: str = "text"
     """the field of each record that holds its text (.jsonl, .jsonl.zst, Hugging Face datasets)."""
     dataset_split: str = "train"

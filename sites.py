@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Site", "SiteReader", "site_reader", "layer_of", "IO_MODES"]
+__all__ = ["Site", "SiteReader", "site_reader", "site_matches", "layer_of", "IO_MODES"]
 
 IO_MODES = ("out", "in", "in_to_out")
 
@@ -288,16 +288,18 @@ def _path_of(model: Any, backend: str, submodule: Any, names: list[str]) -> str:
 def _expand(model: Any, backend: str, item: Any, names: list[str]) -> list[str]:
     """The paths an item names: a glob pattern's matches (in module order), else its one path."""
     if isinstance(item, str) and any(ch in item for ch in "*?["):
-        pattern = item.removeprefix("model.").split(".")
-        matches = [name for name in names if name and _glob_match(name.split("."), pattern)]
+        matches = [name for name in names if name and site_matches(name, item)]
         if not matches:
             raise ValueError(f"the pattern {item!r} matches no submodule of the model; {_close_names(item, names)}")
         return matches
     return [_path_of(model, backend, item, names)]
 
 
-def _glob_match(parts: list[str], pattern: list[str]) -> bool:
-    return len(parts) == len(pattern) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern))
+def site_matches(path: str, pattern: str) -> bool:
+    """Whether the dotted module path matches the glob `pattern` ('*' is one path component; a
+    leading 'model.' is ignored)."""
+    parts, wanted = path.split("."), pattern.removeprefix("model.").split(".")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(parts, wanted))
 
 
 def _close_names(path: str, names: Iterable[str]) -> str:

@@ -28,7 +28,8 @@ from .run_config import TrainRunConfig, resolve_run_config
 
 __all__ = ["TrainRunConfig", "train_from_config", "TrainResult", "load_language_model", "text_stream",
            "RUN_CONFIG_FILE", "EVAL_FILE", "read_run_config", "EvalConfig", "evaluate_runs", "ExportConfig",
-           "export_dictionaries", "BUNDLED", "local_run_folder"]
+           "export_dictionaries", "BUNDLED", "local_run_folder", "is_activation_cache", "text_dataset",
+           "CacheConfig", "write_cache", "DashboardConfig", "write_dashboards"]
 
 BUNDLED = "bundled"
 STDLIB = "stdlib"
@@ -174,6 +175,74 @@ def text_stream(dataset: str, split: str = "train", text_field: str = "text", da
     return hf_dataset_to_generator(dataset, split=dataset_split, streaming=True, text_field=text_field)
 
 
+def is_activation_cache(dataset: str) -> bool:
+    """Whether `dataset` names an activation cache folder (written by cache_activations)."""
+    from .shards import MANIFEST
+
+    return (Path(dataset).expanduser() / MANIFEST).is_file()
+
+
+def text_dataset(dataset: str) -> str:
+    """The text `dataset` stands for: itself, or for an activation cache the dataset it was written
+    from (the `data_source` that `python -m dictionary_learning cache` records). ConfigError when a
+    cache does not name text that can be read again."""
+    if not is_activation_cache(dataset):
+        return dataset
+    from .shards import read_manifest
+
+    source = str(read_manifest(Path(dataset).expanduser()).get("data_source"))
+    if source == STDLIB or Path(source).expanduser().exists():
+        return source
+    raise ConfigError(f"the activation cache {dataset!r} was written from {source!r}, which is not text this command "
+                      "can read again; pass --dataset TEXT (e.g. the dataset the cache was written from)")
+
+
+def _cached_sites(config: TrainRunConfig, manifest: dict[str, Any]) -> list[str]:
+    """The sites of a cache that `config.sites` (names or globs) select, in the cache's order."""
+    from .sites import site_matches
+
+    names = list(manifest["sites"])
+    chosen: list[str] = []
+    for pattern in config.sites:
+        if any(ch in pattern for ch in "*?["):
+            matches = [name for name in names if site_matches(name, pattern)]
+        else:
+            matches = [name for name in names if name == pattern]
+        if not matches:
+            raise ConfigError(f"--sites {pattern!r} matches no site of the activation cache {config.dataset!r} (it "
+                              f"holds {', '.join(names)})")
+        chosen += [name for name in matches if name not in chosen]
+    return chosen
+
+
+def _open_cache(config: TrainRunConfig, seed: int, epochs: int | None):
+    """A CachedActivations over the sites `config` selects of the cache `config.dataset`."""
+    from .cache_reader import CachedActivations
+    from .shards import read_manifest
+
+    path = Path(config.dataset).expanduser()
+    manifest = read_manifest(path)
+    if manifest["io"] != config.io:
+        raise ConfigError(f"the activation cache {config.dataset!r} holds io={manifest['io']!r} activations; pass "
+                          f"--io {manifest['io']}")
+    sites = _cached_sites(config, manifest)
+    return CachedActivations(path, site=sites[0] if len(sites) == 1 else sites, batch_size=config.batch_size,
+                             seed=seed, epochs=epochs, shuffle_window=max(2**17, 2 * config.batch_size))
+
+
+def _with_cache_model(config: TrainRunConfig) -> TrainRunConfig:
+    """`config` with the model and ctx_len of its activation cache (the cache decides both)."""
+    from .shards import read_manifest
+
+    manifest = read_manifest(Path(config.dataset).expanduser())
+    cached = manifest["model"]["name"]
+    same = config.model == cached or (_is_bundled(config.model) and _is_bundled(str(cached)))
+    if not same and config.model != BUNDLED:
+        raise ConfigError(f"--model {config.model!r}: the activation cache {config.dataset!r} holds activations of "
+                          f"{cached!r}; leave --model out (the cache decides)")
+    return dataclasses.replace(config, model=str(cached), ctx_len=int(manifest["ctx_len"]))
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -223,20 +292,22 @@ def _check_save_dir(config: TrainRunConfig) -> None:
                               "to replace it, or another --save-dir")
 
 
-def _trainer_configs(config: TrainRunConfig, buffer) -> list[dict[str, Any]]:
+def _trainer_configs(config: TrainRunConfig, widths: dict[str, Any]) -> list[dict[str, Any]]:
     """Every (recipe × site) pair as a trainSAE config: each recipe on each site it trains on, with
-    the site's widths and the run's dict size, steps and device."""
+    the site's widths (`widths`: {site: width, or (d_in, d_out)}) and the run's dict size, steps and
+    device."""
     from .registry import recipe_class
 
     configs = []
     for recipe in config.recipes:
         fields = {f.name for f in dataclasses.fields(recipe_class(recipe["trainer"]).Config)}
-        sites = [recipe["site"]] if recipe.get("site") else list(buffer.sites)
+        sites = [recipe["site"]] if recipe.get("site") else list(widths)
         for site in sites:
-            if site not in buffer.sites:
+            if site not in widths:
                 raise ConfigError(f"recipe {recipe['trainer']}: site {site!r} is not one the run reads "
-                                  f"({', '.join(buffer.sites)})")
-            width = buffer.d_sites[site]
+                                  f"({', '.join(widths)})")
+            width = widths[site]
+            width = tuple(width) if isinstance(width, list) else width
             d_in, d_out = width if isinstance(width, tuple) else (width, width)
             trainer = {**recipe, "site": site, "activation_dim": d_in, "device": recipe.get("device", config.device)}
             trainer.setdefault("dict_size", config.expansion_factor * d_in)
@@ -271,20 +342,29 @@ def train_from_config(config: TrainRunConfig, argv: list[str] | None = None) -> 
 
     start = time.perf_counter()
     config = resolve_run_config(config)
+    cached = is_activation_cache(config.dataset)
+    if cached:
+        config = _with_cache_model(config)
     _check_save_dir(config)
     if config.threads is not None:
         import torch
 
         torch.set_num_threads(config.threads)
-    # the text first: a dataset that does not exist fails before the model loads
-    data = text_stream(config.dataset, "train", config.text_field, config.dataset_split,
-                       chunk_chars=CHARS_PER_TOKEN * config.ctx_len)
-    model = load_language_model(config.model, config.device, config.dtype)
-    buffer = ActivationBuffer(data, model, submodules=config.sites, io=config.io, n_ctxs=config.n_ctxs,
-                              ctx_len=config.ctx_len, refresh_batch_size=config.refresh_batch_size,
-                              out_batch_size=config.batch_size, device=config.device, seed=config.seed,
-                              progress=config.progress)
-    trainer_configs = _trainer_configs(config, buffer)
+    model = None
+    if cached:  # the activations are on disk: no model, no text
+        buffer = _open_cache(config, config.seed, epochs=None)
+        widths = buffer.sites
+    else:
+        # the text first: a dataset that does not exist fails before the model loads
+        data = text_stream(config.dataset, "train", config.text_field, config.dataset_split,
+                           chunk_chars=CHARS_PER_TOKEN * config.ctx_len)
+        model = load_language_model(config.model, config.device, config.dtype)
+        buffer = ActivationBuffer(data, model, submodules=config.sites, io=config.io, n_ctxs=config.n_ctxs,
+                                  ctx_len=config.ctx_len, refresh_batch_size=config.refresh_batch_size,
+                                  out_batch_size=config.batch_size, device=config.device, seed=config.seed,
+                                  progress=config.progress)
+        widths = buffer.d_sites
+    trainer_configs = _trainer_configs(config, widths)
     save_dir = Path(config.save_dir)
     write_run_config(config, _command_line(argv))
     dictionaries = trainSAE(
@@ -297,14 +377,17 @@ def train_from_config(config: TrainRunConfig, argv: list[str] | None = None) -> 
     folders = [save_dir / f"trainer_{i}" for i in range(len(dictionaries))]
     result = TrainResult(config, save_dir, dictionaries, folders, trainer_configs)
     if config.eval_batches:
-        heldout = text_stream(config.dataset, "heldout")
-        eval_buffer = buffer
-        if heldout is not None:
-            eval_buffer = ActivationBuffer(
-                heldout, model, submodules=config.sites, io=config.io,
-                n_ctxs=max(config.n_ctxs, 2 * config.eval_batches * config.batch_size // config.ctx_len + 1),
-                ctx_len=config.ctx_len, refresh_batch_size=config.refresh_batch_size,
-                out_batch_size=config.batch_size, device=config.device, seed=config.seed, progress=False)
+        if cached:  # tensor metrics on the cache's rows, in another order (no text: no CE/KL recovered)
+            eval_buffer = _open_cache(config, config.seed + 1, epochs=1)
+        else:
+            heldout = text_stream(config.dataset, "heldout")
+            eval_buffer = buffer
+            if heldout is not None:
+                eval_buffer = ActivationBuffer(
+                    heldout, model, submodules=config.sites, io=config.io,
+                    n_ctxs=max(config.n_ctxs, 2 * config.eval_batches * config.batch_size // config.ctx_len + 1),
+                    ctx_len=config.ctx_len, refresh_batch_size=config.refresh_batch_size,
+                    out_batch_size=config.batch_size, device=config.device, seed=config.seed, progress=False)
         result.evaluation = _evaluate_into(save_dir, eval_buffer, config.eval_batches, config.eval_texts,
                                            config.ctx_len)
     result.seconds = time.perf_counter() - start
@@ -426,7 +509,7 @@ def evaluate_runs(config: EvalConfig) -> list[dict[str, Any]]:
                                   "evaluated on a model")
             sites[site] = buffer.get("submodule") or site
         ctx_len = config.ctx_len or record.get("ctx_len") or recorded["ctx_len"] or 128
-        dataset = config.dataset or record.get("dataset") or STDLIB
+        dataset = text_dataset(config.dataset or record.get("dataset") or STDLIB)
         model = load_language_model(model_name, device, record.get("dtype"))
         texts = text_stream(dataset, "heldout", config.text_field) or text_stream(dataset, "train", config.text_field,
                                                                                  chunk_chars=CHARS_PER_TOKEN * ctx_len)
@@ -489,4 +572,189 @@ def export_dictionaries(config: ExportConfig) -> list[Path]:
             atomic_write(target / "ae.safetensors", lambda file: file.write(data))
             atomic_write_json(run_config, target / "config.json")
         written.append(target)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Activation caches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheConfig:
+    """What `python -m dictionary_learning cache` takes."""
+
+    path: str = field(metadata={"positional": True, "metavar": "CACHE_DIR"})
+    """the cache folder to write (new or empty; with --resume, the cache to continue or extend)."""
+    model: str = BUNDLED
+    """'bundled' (the offline tiny Pythia of assets/), a Hugging Face model id, or a local folder holding a model and
+    its tokenizer."""
+    dataset: str = STDLIB
+    """the text: 'stdlib' (offline), a .jsonl.zst or .jsonl file, a text file, a folder or glob of text files, or a
+    Hugging Face dataset name (streamed)."""
+    text_field: str = "text"
+    """the field of each record that holds its text (.jsonl, .jsonl.zst, Hugging Face datasets)."""
+    dataset_split: str = "train"
+    """the split of a Hugging Face dataset."""
+    sites: list[str] = field(default_factory=lambda: ["gpt_neox.layers.0.mlp"], metadata={"metavar": "PATH"})
+    """the modules to read, as dotted paths or globs ('*' is one path component); one forward pass reads them all."""
+    io: str = field(default="out", metadata={"choices": ["out", "in", "in_to_out"]})
+    """store each site's output, its input, or (input, output) pairs for transcoders."""
+    n_tokens: int = 1_000_000
+    """rows (tokens) the cache holds when done; with --resume, a larger value appends."""
+    ctx_len: int = 128
+    """tokens per context."""
+    refresh_batch_size: int = 32
+    """texts per forward pass of the model."""
+    dtype: str = field(default="bfloat16", metadata={"choices": ["float32", "float16", "bfloat16", "int8"]})
+    """storage dtype of the activations; int8: 8-bit values with a float32 scale per row (read back as float32)."""
+    model_dtype: str = "float32"
+    """the language model's dtype (float32, bfloat16, float16)."""
+    shard_tokens: int = 2**18
+    """rows per shard file."""
+    compression_level: int = 1
+    """zstd level (1 is fast; negative levels are faster and compress less)."""
+    workers: int = 1
+    """compression threads."""
+    resume: bool = False
+    """continue (or extend, with a larger --n-tokens) the cache at CACHE_DIR, with the same model, data and
+    settings."""
+    device: str = "auto"
+    """'auto' (cuda:0 when available, else cpu), 'cpu', 'cuda:1', ..."""
+    threads: int | None = None
+    """torch CPU threads (default: torch's)."""
+    progress: bool = True
+    """show a progress bar."""
+
+
+def _device(name: str) -> str:
+    import torch
+
+    from .checks import check_device
+
+    if name == "auto":
+        name = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return str(check_device(name, "device"))
+
+
+def write_cache(config: CacheConfig) -> dict[str, Any]:
+    """Write the activation cache `config` describes (cache_activations over the model and text that
+    `train` would read); returns its manifest. The dataset's name is recorded as the cache's
+    `data_source`, so a resumed cache must read the same text, and `eval`/`dashboard` of a run
+    trained on the cache find the text again."""
+    import torch
+
+    from .cache import cache_activations
+    from .checks import as_dtype
+
+    for name in ("n_tokens", "ctx_len", "refresh_batch_size", "shard_tokens", "workers"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be a positive int; got {getattr(config, name)}")
+    if config.threads is not None:
+        if config.threads < 1:
+            raise ConfigError(f"threads must be a positive int or none; got {config.threads}")
+        torch.set_num_threads(config.threads)
+    if not config.sites:
+        raise ConfigError("sites is empty; name at least one module, e.g. 'gpt_neox.layers.0.mlp'")
+    if is_activation_cache(config.path) and not config.resume:
+        raise ConfigError(f"{config.path!r} holds an activation cache already; pass --resume to continue or extend it "
+                          "(same model, data and settings), or another CACHE_DIR")
+    device = _device(config.device)
+    as_dtype(config.model_dtype, "model_dtype")
+    data = text_stream(config.dataset, "train", config.text_field, config.dataset_split,
+                       chunk_chars=CHARS_PER_TOKEN * config.ctx_len)
+    model = load_language_model(config.model, device, config.model_dtype)
+    return cache_activations(data, model, config.sites, config.path, config.n_tokens, io=config.io,
+                             ctx_len=config.ctx_len, refresh_batch_size=config.refresh_batch_size,
+                             dtype=getattr(torch, config.dtype), shard_tokens=config.shard_tokens,
+                             compression_level=config.compression_level, resume=config.resume,
+                             data_source=config.dataset, workers=config.workers, progress=config.progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Feature dashboards
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DashboardConfig:
+    """What `python -m dictionary_learning dashboard` takes."""
+
+    path: str = field(metadata={"positional": True, "metavar": "RUN_DIR"})
+    """a dictionary folder or a run folder (a dashboard for every dictionary below it), or an hf:// path."""
+    out: str | None = None
+    """where to write: OUT/<dictionary folder relative to RUN_DIR> (default: a 'dashboard' folder in each
+    dictionary's folder)."""
+    n_tokens: int = 100_000
+    """tokens read for the statistics."""
+    model: str | None = None
+    """the language model (default: the one the run recorded)."""
+    dataset: str | None = None
+    """the text (default: the run's; the held-out split of 'stdlib')."""
+    text_field: str = "text"
+    """the field of each record that holds its text."""
+    ctx_len: int | None = None
+    """tokens per context (default: the run's)."""
+    batch_size: int = 32
+    """texts per forward pass."""
+    top_k: int = 10
+    """top-activating contexts kept per latent."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda:0', ..."""
+    threads: int | None = None
+    """torch CPU threads (default: torch's)."""
+    progress: bool = True
+    """show a progress bar."""
+
+
+def write_dashboards(config: DashboardConfig) -> list[Path]:
+    """A feature dashboard (dashboards.dashboard) of every dictionary under `config.path`, each read
+    on the model and site its folder's config.json records; returns the index.html paths."""
+    import torch
+
+    from .dashboards import dashboard
+    from .interop import get_nested_folders, load_dictionary
+
+    for name in ("n_tokens", "batch_size", "top_k"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be a positive int; got {getattr(config, name)}")
+    if config.threads is not None:
+        if config.threads < 1:
+            raise ConfigError(f"threads must be a positive int or none; got {config.threads}")
+        torch.set_num_threads(config.threads)
+    device = _device(config.device)
+    from .hub import is_hub_path
+
+    if is_hub_path(config.path) and config.out is None:
+        raise ConfigError(f"{config.path!r} is on the Hub: pass --out DIR for the dashboards")
+    root = local_run_folder(config.path)
+    folders = [Path(f) for f in get_nested_folders(root)]
+    if not folders:
+        raise FileNotFoundError(f"no dictionary under {config.path!r} (no folder holding ae.pt and config.json)")
+    record = _run_record(root)
+    models: dict[str, Any] = {}
+    written = []
+    for folder in folders:
+        dictionary, folder_config = load_dictionary(folder, device=device)
+        buffer = folder_config.get("buffer") if isinstance(folder_config.get("buffer"), dict) else {}
+        site = buffer.get("submodule") or (folder_config.get("trainer") or {}).get("site")
+        if not isinstance(site, str):
+            raise ConfigError(f"{str(folder)!r} does not record the module it was trained on (config.json has no "
+                              "buffer.submodule); a dashboard needs it")
+        model_name = config.model or record.get("model") or buffer.get("model")
+        if model_name is None:
+            raise ConfigError(f"{str(folder)!r} does not record its language model; pass --model")
+        if model_name not in models:
+            models[model_name] = load_language_model(model_name, device, record.get("dtype"))
+        ctx_len = config.ctx_len or record.get("ctx_len") or buffer.get("ctx_len") or 128
+        dataset = text_dataset(config.dataset or record.get("dataset") or STDLIB)
+        texts = text_stream(dataset, "heldout", config.text_field) or text_stream(
+            dataset, "train", config.text_field, chunk_chars=CHARS_PER_TOKEN * ctx_len)
+        relative = folder.relative_to(root)
+        out = Path(config.out) / relative if config.out else folder / "dashboard"
+        io = buffer.get("io", "out")
+        title = " ".join(part for part in (Path(config.path).name, str(relative)) if part != ".")
+        written.append(dashboard(dictionary, texts, models[model_name], site, out, n_tokens=config.n_tokens,
+                                 io=None if io == "in_to_out" else io, ctx_len=ctx_len, batch_size=config.batch_size,
+                                 top_k=config.top_k, title=f"{title} ({site})", progress=config.progress))
     return written

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_fixtures import FakeHub
 
 from dictionary_learning import load_dictionary, load_saelens
 from dictionary_learning.cli import COMMANDS, main
@@ -501,3 +502,125 @@ def test_the_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
     assert [line.split()[0] for line in lines] == ["TopKTrainer", "BatchTopKTrainer"]
     assert lines[0].split()[1] == "16" and 0 < int(lines[1].split()[1]) < 64  # BatchTopK: its learned threshold
     assert json.loads((tmp_path / "runs" / "python_api" / "run_config.json").read_text())["command"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# cache, dashboard, push
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cache_writes_a_cache_that_train_reads_without_the_model(tmp_path, capsys, monkeypatch):
+    from dictionary_learning import CachedActivations
+
+    cache = tmp_path / "cache"
+    status, out, err = run_cli(capsys, "cache", str(cache), "--sites", "gpt_neox.layers.*.mlp", "--n-tokens", "3000",
+                               "--ctx-len", "64", "--refresh-batch-size", "8", "--shard-tokens", "1024",
+                               "--dtype", "float32", "--no-progress", "--threads", "1")
+    assert status == 0, err
+    assert out.splitlines()[0].startswith(f"{cache}: 3,0")  # at least n_tokens rows, the last forward batch whole
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert list(manifest["sites"]) == [f"gpt_neox.layers.{i}.mlp" for i in range(4)]
+    assert manifest["rows"] >= 3000 and manifest["data_source"] == "stdlib" and manifest["ctx_len"] == 64
+    reader = CachedActivations(cache, site="gpt_neox.layers.2.mlp", batch_size=512, shuffle=False)
+    assert next(iter(reader)).shape == (512, 128)
+
+    import dictionary_learning.workflow as workflow
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("train on a cache loaded the language model")
+
+    monkeypatch.setattr(workflow, "load_language_model", no_model)
+    run = tmp_path / "run"
+    status, out, err = run_cli(capsys, "train", "--dataset", str(cache), "--sites", "gpt_neox.layers.[12].mlp",
+                               "--recipe", "topk:k=8,dict_size=256", "--steps", "6", "--batch-size", "256",
+                               "--eval-batches", "2", "--no-progress", "--threads", "1", "--save-dir", str(run))
+    assert status == 0, err
+    record = json.loads((run / "run_config.json").read_text())["config"]
+    assert record["model"] == manifest["model"]["name"] and record["ctx_len"] == 64
+    configs = [json.loads((run / f"trainer_{i}" / "config.json").read_text()) for i in range(2)]
+    assert [c["trainer"]["site"] for c in configs] == ["gpt_neox.layers.1.mlp", "gpt_neox.layers.2.mlp"]
+    assert all(c["buffer"]["cache"] == str(cache.resolve()) for c in configs)
+    rows = json.loads((run / "eval.json").read_text())["rows"]
+    assert [row["l0"] for row in rows] == [pytest.approx(8, abs=0.01)] * 2 and all(0 < r["fvu"] < 1 for r in rows)
+    monkeypatch.undo()
+    status, out, err = run_cli(capsys, "eval", str(run), "--json", "--n-batches", "1", "--batch-size", "256",
+                               "--texts", "2", "--no-save")  # on the text the cache was written from
+    assert status == 0, err
+    assert [row["site"] for row in json.loads(out)] == ["gpt_neox.layers.1.mlp", "gpt_neox.layers.2.mlp"]
+    assert all("ce_recovered" in row for row in json.loads(out))
+
+    status, _, err = run_cli(capsys, "train", "--dataset", str(cache), "--sites", "gpt_neox.layers.*.attn",
+                             "--save-dir", str(tmp_path / "bad"))
+    assert_one_line_error(status, err, "--sites 'gpt_neox.layers.*.attn' matches no site of the activation cache",
+                          "gpt_neox.layers.0.mlp", code=2)
+    status, _, err = run_cli(capsys, "train", "--dataset", str(cache), "--io", "in", "--save-dir", str(tmp_path / "b"))
+    assert_one_line_error(status, err, "holds io='out' activations; pass --io out", code=2)
+    status, _, err = run_cli(capsys, "cache", str(cache), "--n-tokens", "100", "--no-progress")
+    assert_one_line_error(status, err, f"{str(cache)!r} holds an activation cache already; pass --resume", code=2)
+    status, _, err = run_cli(capsys, "cache", str(cache), "--n-tokens", "100", "--resume", "--ctx-len", "32",
+                             "--no-progress")
+    assert_one_line_error(status, err, "ctx_len: cache has 64, now 32", code=1)
+    status, out, err = run_cli(capsys, "cache", str(cache), "--resume", "--n-tokens", "4000", "--sites",
+                               "gpt_neox.layers.*.mlp", "--ctx-len", "64", "--refresh-batch-size", "8",
+                               "--shard-tokens", "1024", "--dtype", "float32", "--no-progress")
+    assert status == 0, err  # extended: the shards written before are kept as they were
+    extended = json.loads((cache / "manifest.json").read_text())
+    assert extended["rows"] >= 4000 and extended["shards"][:len(manifest["shards"])] == manifest["shards"]
+    status, _, err = run_cli(capsys, "cache", str(tmp_path / "c2"), "--n-tokens", "0")
+    assert_one_line_error(status, err, "n_tokens must be a positive int; got 0", code=2)
+    status, _, err = run_cli(capsys, "cache", str(tmp_path / "c2"), "--dtype", "float8")
+    assert_one_line_error(status, err, "invalid choice: 'float8'", code=2)
+
+
+@pytest.mark.slow
+def test_dashboard_of_a_run_reads_model_and_site_from_each_folder(trained_run, tmp_path, capsys):
+    out_dir = tmp_path / "dash"
+    status, out, err = run_cli(capsys, "dashboard", str(trained_run), "--n-tokens", "2000", "--out", str(out_dir),
+                               "--no-progress", "--threads", "1")
+    assert status == 0, err
+    assert out.splitlines() == [str(out_dir / name / "index.html") for name in ("trainer_0", "trainer_1")]
+    for name, dict_size in (("trainer_0", 1024), ("trainer_1", 512)):
+        stats = torch.load(out_dir / name / "features.pt", weights_only=True)
+        assert stats["n_tokens"] >= 2000 and stats["tensors"]["fire_count"].shape == (dict_size,)
+        assert (out_dir / name / "latent.html").is_file()
+        assert "gpt_neox.layers.0.mlp" in (out_dir / name / "data" / "meta.js").read_text()
+    topk = torch.load(out_dir / "trainer_1" / "features.pt", weights_only=True)
+    assert topk["tensors"]["fire_count"].sum().item() == pytest.approx(16 * topk["n_tokens"], rel=0.05)  # k = 16
+
+    status, out, err = run_cli(capsys, "dashboard", str(trained_run / "trainer_1"), "--n-tokens", "500",
+                               "--no-progress", "--threads", "1")
+    assert status == 0 and out.strip() == str(trained_run / "trainer_1" / "dashboard" / "index.html"), err
+    status, _, err = run_cli(capsys, "dashboard", str(tmp_path / "nothing"))
+    assert_one_line_error(status, err, "does not exist", code=1)
+    status, _, err = run_cli(capsys, "dashboard", str(tmp_path))
+    assert_one_line_error(status, err, "no dictionary under", code=1)
+    status, _, err = run_cli(capsys, "dashboard", str(trained_run), "--n-tokens", "0")
+    assert_one_line_error(status, err, "n_tokens must be a positive int; got 0", code=2)
+
+
+def test_push_uploads_a_run_through_the_hub_api(trained_run, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(tmp_path / "hub_cache")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.Api)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    status, out, err = run_cli(capsys, "push", str(trained_run), "me/saes", "--path-in-repo", "tiny/mlp0",
+                               "--private", "--commit-message", "two recipes")
+    assert status == 0, err
+    assert out.strip() == f"pushed {trained_run} to hf://me/saes/tiny/mlp0"
+    ((repo, message, paths),) = hub.commits
+    assert repo == "me/saes" and message == "two recipes" and ("create_repo", "me/saes", True) in hub.calls
+    assert {"tiny/mlp0/trainer_0/ae.pt", "tiny/mlp0/trainer_1/config.json", "tiny/mlp0/run_config.json"} <= set(paths)
+    for path in paths:
+        assert hub.repos["me/saes"][path] == (trained_run / path.removeprefix("tiny/mlp0/")).read_bytes()
+
+    status, _, err = run_cli(capsys, "push", str(trained_run), "saes")
+    assert_one_line_error(status, err, "repo_id 'saes' is not a repository id; write OWNER/NAME", code=1)
+    status, _, err = run_cli(capsys, "push", str(tmp_path / "missing"), "me/saes")
+    assert_one_line_error(status, err, "is not a folder", code=1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    status, _, err = run_cli(capsys, "push", str(trained_run), "me/saes")
+    assert_one_line_error(status, err, "HF_HUB_OFFLINE is set: unset it to push to the Hub", code=1)
+    status, _, err = run_cli(capsys, "push", str(trained_run))
+    assert_one_line_error(status, err, "REPO_ID", code=2)

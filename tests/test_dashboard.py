@@ -363,3 +363,22 @@ def test_latent_page_shows_contexts_shaded_by_activation(browser, site, tmp_path
     page.wait_until(f"document.body.dataset.ready === '{stats.dict_size - 1}'")
     assert page.errors == []
     assert (tmp_path / "latent.png").stat().st_size > 10_000
+
+
+def test_token_texts_show_the_bytes_of_partial_characters():
+    from dictionary_learning import load_bundled_model
+    from dictionary_learning.dashboards import token_texts
+
+    tokenizer = load_bundled_model().tokenizer
+    text = 'x = "€→"'
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    texts = token_texts(tokenizer, ids)
+    partial = [i for i in ids if "\ufffd" in tokenizer.decode([i])]
+    assert len(partial) == 6  # '€' and '→' are 3 bytes each, one byte token per byte here
+    assert all(re.fullmatch(r"(\\x[0-9a-f]{2})+", texts[i]) for i in partial)
+    shown = "".join(texts[i] for i in ids)  # the bytes, in order, as escapes: the text's UTF-8
+    assert shown.encode("latin-1").decode("unicode_escape").encode("latin-1").decode("utf-8") == text
+    assert texts[ids[0]] == "x" and texts[ids[1]] == " ="  # whole characters decode as before
+    (control,) = tokenizer.encode("\x1e", add_special_tokens=False)
+    (newline,) = tokenizer.encode("\n", add_special_tokens=False)
+    assert token_texts(tokenizer, [control, newline]) == {control: "\\x1e", newline: "\n"}  # not an empty box
