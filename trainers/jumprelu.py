@@ -9,7 +9,8 @@ and the loss penalises the number of active latents directly (no L1 proxy, so no
 
     L = (1/N) Σ_n ‖x_n − x̂_n‖²  +  λ(t) · (1/N) Σ_n ‖f_n‖₀,     ‖f_n‖₀ = Σ_i H(π_ni − θ_i)
 
-λ(t) warms up linearly from 0 over `sparsity_warmup_steps`. With `target_l0` = T the sparsity
+λ(t) warms up linearly from 0 over `sparsity_warmup_steps` (default: the paper's 10,000 steps, or a
+tenth of the run when that is shorter). With `target_l0` = T the sparsity
 term is instead λ(t) · (L0/T − 1)², L0 the batch mean of ‖f_n‖₀ (saprmarks/dictionary_learning's
 option), which steers L0 towards T.
 
