@@ -29,7 +29,11 @@ one); θ is kept ≥ 0 after each step.
 
 Initialisation: decoder rows unit-norm random directions, W_enc = W_decᵀ, b_enc = b_dec = 0,
 θ = 0.001. Decoder rows stay at unit norm (gradient projection + renormalisation). Adam with
-β = (0, 0.999), ε = 1e-8; LR 7e-5 by default (the paper's), with the base warmup/decay schedule.
+β = (0, 0.999), ε = 1e-8; LR 1e-3 by default, with the base warmup/decay schedule. The paper's 7e-5
+is meant for its long runs on wide models: Adam moves θ by about the LR per step, and the thresholds
+must climb to the scale of a latent's pre-activation, ~1/√D at E‖x‖² = 1 (0.18 at D = 32, 0.02 at
+D = 2304); at 7e-5 a run of a few thousand steps on a narrow model ends with the L0 still far above
+its target (pass lr=7e-5 for the paper's setting).
 
 The thresholds, the estimators, the L0 penalty and the sparse implementation are the JumpReLU
 family's (families.JumpReluFamilyTrainer, kernels.JumpReLUFunction / StepFunction), shared with the
@@ -56,6 +60,7 @@ class JumpReluTrainer(JumpReluFamilyTrainer):
 
     Config = JumpReluTrainerConfig
     dictionary_class = JumpReluAutoEncoder
+    default_lr = 1e-3  # the module docstring says why not the paper's 7e-5
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         x = x.reshape(-1, self.cfg.activation_dim)
