@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from .dataclass_args import ConfigError, closest, convert
 from .registry import recipe_class, recipe_names
 from .runs import current_field_names
-from .trainers.base import config_field_names
+from .trainers.base import WARMUP_STEPS, config_field_names, default_warmup_steps
 
 __all__ = ["TrainRunConfig", "parse_recipe", "expand_grid", "recipe_by_name", "recipe_label", "resolve_run_config", "recipe_hyperparameters",
            "RUN_FILLED_FIELDS", "SCHEDULE_CAPS", "DEFAULT_RECIPE"]
@@ -243,6 +243,8 @@ def _sized_to_run(recipe: dict[str, Any], steps: int | None, target_l0: float | 
                 cap = int(fraction * steps)
                 if default > cap:
                     recipe[name] = cap
+        if "warmup_steps" not in recipe and default_warmup_steps(steps) < WARMUP_STEPS:
+            recipe["warmup_steps"] = default_warmup_steps(steps)  # what the trainer resolves, recorded here too
     return recipe
 
 

@@ -85,7 +85,7 @@ def build_trainer(
         config.steps = steps
     if config.seed is None:
         config.seed = default_seed
-    if config.steps is not None and config.warmup_steps > config.steps:
+    if config.steps is not None and config.warmup_steps is not None and config.warmup_steps > config.steps:
         raise ValueError(
             f"warmup_steps ({config.warmup_steps}) is longer than the run (steps={config.steps}); "
             "lower warmup_steps or train for more steps"

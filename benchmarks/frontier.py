@@ -10,7 +10,8 @@ strength 0.3), magnitudes log-uniform in [0.5, 2] with cv 0.25, no noise. Each r
 latents for `--steps` batches of 1024 from its own stream (seeded per run), with only activation_dim,
 dict_size and its sparsity target given (k for the TopK family, target_l0 for the others:
 trainers/base.py L0Controller; JumpReLU's target_l0 is its own penalty), `normalize_activations=True`
-and a warmup of steps/10; everything else is the recipe's default. Scores: `ground_truth_scores` on
+and, for the L1 and Lp recipes whose default has none, a λ warmup of steps/10; everything else is the
+recipe's default (the LR warmup, JumpReLU's λ warmup and p-annealing's start scale with the run). Scores: `ground_truth_scores` on
 32,768 held-out samples of another stream of the same features. Reported per recipe and level: the
 mean over seeds and the spread (max − min). With --saelens, SAELens' trainers for the recipes both
 libraries have (benchmarks/saelens_worker.py, in SAELens' own virtualenv) train on the same samples in
@@ -39,6 +40,7 @@ RECIPES = {
     "StandardTrainerAprilUpdate": "target_l0",
     "GatedSAETrainer": "target_l0",
     "PAnnealTrainer": "target_l0",
+    "GatedAnnealTrainer": "target_l0",
     "TopKTrainer": "k",
     "BatchTopKTrainer": "k",
     "MatryoshkaBatchTopKTrainer": "k",
@@ -51,17 +53,14 @@ METRICS = ("l0", "explained_variance", "mcc", "f1", "precision", "recall", "uniq
 
 
 def recipe_config(name: str, level: int, steps: int, seed: int) -> dict:
-    config = {"trainer": name, "activation_dim": DATA["activation_dim"], "dict_size": DICT_SIZE, "seed": seed,
-              "warmup_steps": steps // 10}
+    config = {"trainer": name, "activation_dim": DATA["activation_dim"], "dict_size": DICT_SIZE, "seed": seed}
     config[RECIPES[name]] = level
     if name == "MatryoshkaBatchTopKTrainer":
         config["group_sizes"] = [64, 128, DICT_SIZE - 192]
     if name in ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer"):
         config["threshold_start_step"] = steps // 2
-    if name == "PAnnealTrainer":
-        config["anneal_start"] = steps // 5  # the default, 15,000, is meant for 100k-step runs
-    if name in ("StandardTrainer", "GatedSAETrainer", "PAnnealTrainer", "JumpReluTrainer"):
-        config["sparsity_warmup_steps"] = steps // 10
+    if name in ("StandardTrainer", "GatedSAETrainer", "PAnnealTrainer", "GatedAnnealTrainer"):
+        config["sparsity_warmup_steps"] = steps // 10  # their default is none; JumpReLU's is already steps/10
     return config
 
 

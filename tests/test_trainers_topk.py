@@ -259,7 +259,7 @@ def test_matryoshka_loss_is_the_sum_of_prefix_losses_by_hand():
 def test_jumprelu_loss_matches_dense_autograd(kernels):
     torch.manual_seed(0)
     trainer = JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, bandwidth=0.2,
-                                                    sparsity_penalty=0.3, sparsity_warmup_steps=None,
+                                                    sparsity_penalty=0.3, sparsity_warmup_steps=0,
                                                     warmup_steps=1, seed=1))
     ae = trainer.ae
     with torch.no_grad():
@@ -276,7 +276,7 @@ def test_jumprelu_loss_matches_dense_autograd(kernels):
 
 def test_jumprelu_target_l0_penalty():
     trainer = JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, target_l0=4.0,
-                                                    sparsity_penalty=2.0, sparsity_warmup_steps=None,
+                                                    sparsity_penalty=2.0, sparsity_warmup_steps=0,
                                                     warmup_steps=1, seed=0))
     out = trainer.loss(torch.randn(8, D), step=0)
     l0 = out.metrics["l0"]

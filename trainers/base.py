@@ -36,8 +36,9 @@ class TrainerConfig:
     """F, the number of latents."""
     lr: float | None = None
     """Adam's learning rate; None: the recipe's default."""
-    warmup_steps: int = 1000
-    """linear LR warmup from 0 over this many steps."""
+    warmup_steps: int | None = None
+    """linear LR warmup from 0 over this many steps; None: 1,000, or a tenth of the run when that is
+    shorter (default_warmup_steps)."""
     decay_start: int | None = None
     """linear LR decay to 0 from this step to `steps` (None: the recipe's default, often none)."""
     steps: int | None = None
@@ -70,9 +71,7 @@ class TrainerConfig:
         name = type(self).__name__
         for field in ("activation_dim", "dict_size"):
             _check_count(name, field, getattr(self, field), minimum=1)
-        for field in ("warmup_steps",):
-            _check_count(name, field, getattr(self, field), minimum=0)
-        for field in ("decay_start", "steps", "sparsity_warmup_steps", "seed"):
+        for field in ("warmup_steps", "decay_start", "steps", "sparsity_warmup_steps", "seed"):
             if getattr(self, field) is not None:
                 _check_count(name, field, getattr(self, field), minimum=1 if field == "steps" else 0)
         if self.lr is not None and not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
@@ -99,6 +98,15 @@ def _check_count(config_name: str, field: str, value: Any, minimum: int) -> None
 
 def config_field_names(config_class: type[TrainerConfig]) -> list[str]:
     return [f.name for f in dataclasses.fields(config_class)]
+
+
+WARMUP_STEPS = 1000  # the LR warmup of every recipe of the reference library ...
+WARMUP_FRACTION = 0.1  # ... capped at this fraction of a shorter run
+
+
+def default_warmup_steps(steps: int | None) -> int:
+    """warmup_steps when the config leaves it None: min(1,000, ⌊0.1 · steps⌋) (1,000 without steps)."""
+    return WARMUP_STEPS if steps is None else min(WARMUP_STEPS, int(WARMUP_FRACTION * steps))
 
 
 def lr_multiplier(
@@ -425,6 +433,8 @@ class SAETrainer:
         self.seed_was_drawn = config.seed is None
         if self.seed_was_drawn:
             config = dataclasses.replace(config, seed=secrets.randbits(62))
+        if config.warmup_steps is None:  # recorded resolved in cfg, so a resumed run keeps it
+            config = dataclasses.replace(config, warmup_steps=default_warmup_steps(config.steps))
         self.cfg = config
         self.device = torch.device(config.device)
         generator_device = self.device if self.device.type == "cuda" else "cpu"  # e.g. meta has no generator

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -410,6 +411,8 @@ class GatedFamilyTrainer(SAETrainer):
 # =============================================================================================
 
 SPARSITY_FUNCTIONS = ("Lp^p", "Lp")
+ANNEAL_START_STEPS = 15_000  # saprmarks/dictionary_learning's default anneal_start
+ANNEAL_START_FRACTION = 0.2  # ... capped at this fraction of a shorter run
 
 
 @dataclass
@@ -422,8 +425,9 @@ class AnnealedSparsityConfig(TrainerConfig):
     """p at the start of training."""
     p_end: float = 0.2
     """p after the last change."""
-    anneal_start: int = 15000
-    """first change of p (after this step)."""
+    anneal_start: int | None = None
+    """first change of p (after this step); None: the reference's 15,000, or a fifth of the run
+    when that is shorter (ANNEAL_START_FRACTION), so a short run anneals too."""
     anneal_end: int | None = None
     """end of the annealing; None: the end of the run (`steps`)."""
     n_sparsity_updates: int = 10
@@ -534,8 +538,16 @@ class PAnnealSchedule:
         self.queue = [tuple(pair) for pair in state["queue"]]
 
 
+def default_anneal_start(steps: int | None) -> int:
+    """anneal_start when the config leaves it None: min(15,000, ⌊0.2 · steps⌋) (15,000 without steps)."""
+    if steps is None:
+        return ANNEAL_START_STEPS
+    return min(ANNEAL_START_STEPS, int(ANNEAL_START_FRACTION * steps))
+
+
 def check_anneal_config(cfg: AnnealedSparsityConfig, trainer_name: str) -> int:
-    """Validate the p-annealing fields of a config; returns anneal_end (resolved from steps)."""
+    """Validate the p-annealing fields of a config whose anneal_start is resolved; returns anneal_end
+    (resolved from steps)."""
     if cfg.sparsity_function not in SPARSITY_FUNCTIONS:
         raise ValueError(f"sparsity_function must be one of {SPARSITY_FUNCTIONS}, got {cfg.sparsity_function!r}")
     if not (cfg.p_start > 0 and cfg.p_end > 0):
@@ -580,9 +592,11 @@ class AnnealedSparsity:
     anneal: PAnnealSchedule
 
     def __init__(self, config: AnnealedSparsityConfig):
+        if config.anneal_start is None:  # recorded resolved in cfg, so a resumed run keeps it
+            config = dataclasses.replace(config, anneal_start=default_anneal_start(config.steps))
         anneal_end = check_anneal_config(config, type(self).__name__)
         super().__init__(config)
-        self.anneal = PAnnealSchedule.from_config(config, anneal_end)
+        self.anneal = PAnnealSchedule.from_config(self.cfg, anneal_end)
 
     @property
     def p(self) -> float:
@@ -610,6 +624,15 @@ class AnnealedSparsity:
 
 JUMPRELU_ADAM_BETAS = (0.0, 0.999)
 JUMPRELU_ADAM_EPS = 1e-8
+JUMPRELU_SPARSITY_WARMUP_STEPS = 10_000  # the paper's λ warmup
+JUMPRELU_SPARSITY_WARMUP_FRACTION = 0.1  # ... capped at this fraction of a shorter run
+
+
+def default_jumprelu_sparsity_warmup(steps: int | None) -> int:
+    """sparsity_warmup_steps when the config leaves it None: min(10,000, ⌊0.1 · steps⌋)."""
+    if steps is None:
+        return JUMPRELU_SPARSITY_WARMUP_STEPS
+    return min(JUMPRELU_SPARSITY_WARMUP_STEPS, int(JUMPRELU_SPARSITY_WARMUP_FRACTION * steps))
 
 
 @dataclass
@@ -622,8 +645,9 @@ class JumpReluFamilyConfig(TrainerConfig):
     """ε, the width of the straight-through estimators' kernel."""
     initial_threshold: float = 0.001
     """θ at initialisation."""
-    sparsity_warmup_steps: int | None = 10_000
-    """λ warms up linearly from 0 over these steps."""
+    sparsity_warmup_steps: int | None = None
+    """λ warms up linearly from 0 over these steps; None: the paper's 10,000, or a tenth of the run
+    when that is shorter (so a short run reaches its full λ); 0: no warmup."""
 
 
 class JumpReluFamilyTrainer(SAETrainer):
@@ -634,6 +658,8 @@ class JumpReluFamilyTrainer(SAETrainer):
     default_lr = 7e-5
 
     def __init__(self, config: JumpReluFamilyConfig):
+        if config.sparsity_warmup_steps is None:  # recorded resolved in cfg, so a resumed run keeps it
+            config = dataclasses.replace(config, sparsity_warmup_steps=default_jumprelu_sparsity_warmup(config.steps))
         super().__init__(config)
         name = type(self).__name__
         if config.sparsity_penalty < 0:

@@ -10,8 +10,9 @@ directions via ConstrainedAdam) with an Lp sparsity penalty whose exponent p shr
 
 At p = 1 this is the L1 recipe (a convex start); as p → 0, Σ_i f_i^p tends to the L0 norm, the
 sparsity we actually want. p starts at `p_start` and moves linearly to `p_end` in
-N = `n_sparsity_updates` equal jumps between steps `anneal_start` and `anneal_end` (default: the
-end of the run): the k-th jump (k = 0 … N−1) happens after step
+N = `n_sparsity_updates` equal jumps between steps `anneal_start` (default: the reference's 15,000,
+or a fifth of the run when that is shorter) and `anneal_end` (default: the end of the run): the
+k-th jump (k = 0 … N−1) happens after step
 
     t_k = anneal_start + ⌊k (anneal_end − anneal_start) / N⌋,   p ← p_start + (k+1)/N · (p_end − p_start).
 
