@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .dataclass_args import ConfigError, check_keys, read_config_file
 from .files import atomic_write_json, read_json_object
@@ -637,6 +637,20 @@ def _device(name: str) -> str:
     return str(check_device(name, "device"))
 
 
+def _check_counts_and_threads(config: Any, counts: Sequence[str]) -> None:
+    """The `counts` fields of a command's config are positive; its `threads`, when set, is positive
+    and becomes torch's thread count (a command's process-wide switch, made by the command)."""
+    import torch
+
+    for name in counts:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be a positive int; got {getattr(config, name)}")
+    if config.threads is not None:
+        if config.threads < 1:
+            raise ConfigError(f"threads must be a positive int or none; got {config.threads}")
+        torch.set_num_threads(config.threads)
+
+
 def write_cache(config: CacheConfig) -> dict[str, Any]:
     """Write the activation cache `config` describes (cache_activations over the model and text that
     `train` would read); returns its manifest. The dataset's name is recorded as the cache's
@@ -647,13 +661,7 @@ def write_cache(config: CacheConfig) -> dict[str, Any]:
     from .cache import cache_activations
     from .checks import as_dtype
 
-    for name in ("n_tokens", "ctx_len", "refresh_batch_size", "shard_tokens", "workers"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be a positive int; got {getattr(config, name)}")
-    if config.threads is not None:
-        if config.threads < 1:
-            raise ConfigError(f"threads must be a positive int or none; got {config.threads}")
-        torch.set_num_threads(config.threads)
+    _check_counts_and_threads(config, ("n_tokens", "ctx_len", "refresh_batch_size", "shard_tokens", "workers"))
     if not config.sites:
         raise ConfigError("sites is empty; name at least one module, e.g. 'gpt_neox.layers.0.mlp'")
     if is_activation_cache(config.path) and not config.resume:
@@ -710,18 +718,10 @@ class DashboardConfig:
 def write_dashboards(config: DashboardConfig) -> list[Path]:
     """A feature dashboard (dashboards.dashboard) of every dictionary under `config.path`, each read
     on the model and site its folder's config.json records; returns the index.html paths."""
-    import torch
-
     from .dashboards import dashboard
     from .interop import get_nested_folders, load_dictionary
 
-    for name in ("n_tokens", "batch_size", "top_k"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be a positive int; got {getattr(config, name)}")
-    if config.threads is not None:
-        if config.threads < 1:
-            raise ConfigError(f"threads must be a positive int or none; got {config.threads}")
-        torch.set_num_threads(config.threads)
+    _check_counts_and_threads(config, ("n_tokens", "batch_size", "top_k"))
     device = _device(config.device)
     from .hub import is_hub_path
 
