@@ -84,17 +84,18 @@ class TopEntries:
         their (values [m], global token indices [m], window ids [m, W], window values [m, W])."""
         if self.k == 0:
             return
-        entries = (keys > self.threshold[columns]).nonzero().squeeze(1)  # must beat the smallest key held
+        # an entry must beat the smallest key its latent holds
+        entries = (keys > self.threshold.index_select(0, columns)).nonzero().squeeze(1)
         if entries.numel() == 0:
             return
-        keys, columns = keys[entries], columns[entries]
+        keys, columns = keys.index_select(0, entries), columns.index_select(0, entries)
         # At most k candidates per latent: group by latent, largest key first, earlier token first on
         # ties (one stable sort of (latent, descending key) packed into an int64).
         order = (columns * 2**32 + descending_rank(keys)).argsort(stable=True)
-        entries, keys, columns = entries[order], keys[order], columns[order]
+        entries, keys, columns = (t.index_select(0, order) for t in (entries, keys, columns))
         rank = torch.arange(len(columns), device=columns.device) - torch.searchsorted(columns, columns)
         kept = (rank < self.k).nonzero().squeeze(1)
-        entries, keys, columns, rank = entries[kept], keys[kept], columns[kept], rank[kept]
+        entries, keys, columns, rank = (t.index_select(0, kept) for t in (entries, keys, columns, rank))
         latents, group = torch.unique_consecutive(columns, return_inverse=True)  # [U], [c]
         # The k best of each touched latent's held entries and candidates (held ones hold earlier tokens).
         candidate_keys = torch.full((len(latents), self.k), -math.inf, device=keys.device)
@@ -194,7 +195,7 @@ class FeatureCollector:
         token_ids = token_ids.to(device)
         values, position, columns = (t.to(device) for t in features[:3])
         if not bool(keep.all()):  # drop the entries of positions that do not count
-            counted = keep.reshape(-1)[position].nonzero().squeeze(1)
+            counted = keep.reshape(-1).index_select(0, position).nonzero().squeeze(1)
             values, position, columns = (t.index_select(0, counted) for t in (values, position, columns))
         values = values.float()
         n_latents = self.dict_size
@@ -242,14 +243,15 @@ class FeatureCollector:
         def describe(entries: torch.Tensor) -> tuple[torch.Tensor, ...]:
             """Values, token indices, and the token ids and the latent's values at the `context`
             positions either side of each entry."""
-            pos, latent = position[entries], columns[entries]
+            pos, latent = position.index_select(0, entries), columns.index_select(0, entries)
             row, col = pos // length, pos % length
             at = col[:, None] + offsets  # [m, W]
             inside = (at >= 0) & (at < length)
             at = at.clamp(0, length - 1)
             shown = inside & real[row[:, None], at]
             ids = torch.where(shown, token_ids[row[:, None], at], -1).to(torch.int32)
-            return values[entries], token_index[pos], ids, window_values(entries, pos, latent, row, at, inside)
+            return (values.index_select(0, entries), token_index.index_select(0, pos), ids,
+                    window_values(entries, pos, latent, row, at, inside))
 
         self.top.offer(values, columns, describe)
         if self.samples.k:
@@ -274,7 +276,7 @@ class FeatureCollector:
             self.exponent[rows] = needed[rows]
             self.bin_scale[rows] = torch.ldexp(torch.full_like(rows, self.n_bins, dtype=torch.float32), -needed[rows])
         # bin = ⌊|f| · n_bins / 2^e⌋ (one rounding of the exact product, as |f| / 2^e · n_bins)
-        bins = (magnitudes * self.bin_scale[columns]).long().clamp_(0, self.n_bins - 1)
+        bins = (magnitudes * self.bin_scale.index_select(0, columns)).long().clamp_(0, self.n_bins - 1)
         self.histogram += torch.bincount(columns * self.n_bins + bins,
                                          minlength=self.dict_size * self.n_bins).view(self.dict_size, self.n_bins)
         return batch_max
@@ -389,9 +391,11 @@ def flat_nonzero(flat: torch.Tensor) -> torch.Tensor:
     group = 8 // flat.element_size()
     if group < 2 or flat.numel() % group or flat.storage_offset() % group or not flat.is_contiguous():
         return flat.nonzero().squeeze(1)
-    words = flat.view(torch.int64).nonzero().squeeze(1)  # words holding a nonzero bit
-    inside = (flat.view(-1, group).index_select(0, words).reshape(-1) != 0).nonzero().squeeze(1)
-    return words[inside // group] * group + inside % group
+    words = flat.view(torch.int64)
+    held = words.nonzero().squeeze(1)  # words holding a nonzero bit
+    inside = (words.index_select(0, held).view(flat.dtype) != 0).nonzero().squeeze(1)  # [g·w] → nonzero
+    shift = group.bit_length() - 1  # g is 2, 4 or 8
+    return (held.index_select(0, inside >> shift) << shift) + (inside & (group - 1))
 
 
 def dense_to_codes(features: torch.Tensor) -> SparseCodes:
@@ -399,7 +403,13 @@ def dense_to_codes(features: torch.Tensor) -> SparseCodes:
     n_latents = features.shape[-1]
     flat = features.reshape(-1)
     where = flat_nonzero(flat)
-    return SparseCodes(flat[where], where // n_latents, where % n_latents, features.shape[0])
+    if n_latents & (n_latents - 1) == 0:  # a power of two: shifts instead of divisions
+        shift = n_latents.bit_length() - 1
+        rows, columns = where >> shift, where & (n_latents - 1)
+    else:
+        rows = where // n_latents
+        columns = where - rows * n_latents
+    return SparseCodes(flat.index_select(0, where), rows, columns, features.shape[0])
 
 
 def sparse_features(dictionary, acts: torch.Tensor, max_chunk_entries: int = CHUNK_ENTRIES) -> SparseCodes:

@@ -147,6 +147,17 @@ def test_flat_nonzero_equals_nonzero(dtype):
             assert torch.equal(flat_nonzero(values[1:]), values[1:].nonzero().squeeze(1))  # unaligned view
 
 
+@pytest.mark.parametrize("n_latents", [16, 23])  # a power of two (shifts) and not (divisions)
+def test_dense_to_codes_lists_the_nonzeros_in_row_major_order(n_latents):
+    generator = torch.Generator().manual_seed(2)
+    features = torch.relu(torch.randn(37, n_latents, generator=generator) - 1.0)
+    codes = dense_to_codes(features)
+    rows, columns = features.nonzero(as_tuple=True)
+    assert codes.n_rows == 37
+    assert torch.equal(codes.rows, rows) and torch.equal(codes.columns, columns)
+    assert torch.equal(codes.values, features[rows, columns])
+
+
 def test_descending_rank_orders_floats_from_largest():
     keys = torch.tensor([0.5, -2.0, math.inf, 0.0, -math.inf, 3e-39, -3e-39, 1.0, -0.5, 1e30, -1e30])
     rank = descending_rank(keys)
