@@ -26,9 +26,12 @@ storage    bytes per stored activation value (activation columns only; token ids
 reading    rows/s over one epoch of the bf16 cache: "zstd" decompresses every frame's activation
            part with zstandard and nothing else (no batches); "reader" is
            CachedActivations(shuffle=True, batch_size=4096, shuffle_window=32768: a quarter of the
-           cache), "in order" the same with shuffle=False. "resume": seconds to the batch after the
-           first 31 (the epoch's last) with skip(31) (nothing decoded but the window's rows) and by
-           reading them.
+           cache), "in order" the same with shuffle=False; "4 epochs" the shuffled reader over 4
+           epochs (epochs=4): its sustained rate, with the window's first fill (a quarter of the
+           cache decoded before the first batch) and its last drain counted once, not every epoch.
+           "resume": seconds to the batch after the first 31 (the epoch's last) with skip(31)
+           (nothing decoded but the window's rows) and by reading them. --reading-only writes one
+           cache per model untimed and measures reading alone.
 training   trainSAE with one TopKTrainer (F = 16 d, k = 32, batch 4,096) fed by CachedActivations
            against the same batches held in memory as a list (the same bf16 tensors, read before);
            wall clock, and the process's CPU time (every thread: the reader's decoding included),
@@ -53,6 +56,7 @@ from buffer import bare_pipeline, build_tiny_model, endless, interleaved_rates, 
 
 SITE = "gpt_neox.layers.1.mlp"
 WINDOW = 32768  # the readers' shuffle window: a quarter of the cache, so an epoch is mostly steady state
+SUSTAINED_EPOCHS = 4  # the sustained rate: the window's first fill and last drain spread over 4 epochs
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 STORAGE_VARIANTS = [(-1, True), (1, False), (1, True), (3, True)]  # (zstd level, byte shuffle)
 
@@ -189,17 +193,19 @@ def reading(folder: Path, rounds: int) -> dict:
                     decompressor.decompress(file.read(length))
         return rows
 
-    def reader(shuffle: bool):
+    def reader(shuffle: bool, epochs: int = 1):
         def run() -> int:
             served = 0
-            with CachedActivations(folder, batch_size=4096, shuffle=shuffle, seed=0, shuffle_window=WINDOW) as cache:
+            with CachedActivations(folder, batch_size=4096, shuffle=shuffle, seed=0, shuffle_window=WINDOW,
+                                   epochs=epochs) as cache:
                 for batch in cache:
                     served += len(batch)
-            assert served == rows
-            return rows
+            assert served == epochs * rows
+            return served
         return run
 
-    candidates = {"zstd": zstd_only, "reader": reader(True), "in order": reader(False)}
+    candidates = {"zstd": zstd_only, "reader": reader(True), "in order": reader(False),
+                  f"reader, {SUSTAINED_EPOCHS} epochs": reader(True, SUSTAINED_EPOCHS)}
     for fn in candidates.values():
         fn()
     rates = interleaved_rates(candidates, rounds)
@@ -311,12 +317,13 @@ def main() -> None:
                         help="which models to measure (default all)")
     parser.add_argument("--no-sweep", action="store_true", help="leave out the sweep")
     parser.add_argument("--storage-only", action="store_true", help="only the bytes-per-value table")
+    parser.add_argument("--reading-only", action="store_true", help="only the reading table (caches written untimed)")
     args = parser.parse_args()
     _common.set_threads(args.threads)
     _common.import_library()
     from nnsight import TransformersModel
 
-    from dictionary_learning import keep_freed_cpu_memory
+    from dictionary_learning import cache_activations, keep_freed_cpu_memory
 
     keep_freed_cpu_memory()
     config = {"ctx_len": args.ctx_len, "refresh_batch_size": args.refresh_batch_size,
@@ -335,6 +342,14 @@ def main() -> None:
             if args.storage_only:
                 storage_only(spec, model, config, workdir, tables)
                 continue
+            if args.reading_only:
+                folder = workdir / "read"
+                cache_activations(endless(spec["texts"]), model, SITE, folder, config["rows"], ctx_len=config["ctx_len"],
+                                  refresh_batch_size=config["refresh_batch_size"], shard_tokens=config["shard_tokens"],
+                                  progress=False)
+                tables["read"].append(reading_row(spec, d, reading(folder, config["rounds"])))
+                report(args, config, tables, results, complete=False)
+                continue
             print(f"{spec['name']}: writing", flush=True)
             written, folder = writing(spec, model, hf_model, tokenizer, config, workdir)
             tables["write"].append({"model": spec["name"], "d": d, "bare rows/s": written["bare"],
@@ -344,11 +359,7 @@ def main() -> None:
                                     "file B/value": written["bytes_per_row"] / d})
             print(f"{spec['name']}: reading, training", flush=True)
             read = reading(folder, config["rounds"])
-            tables["read"].append({"model": spec["name"], "d": d, "zstd rows/s": read["zstd"],
-                                   "reader rows/s": read["reader"], "in order rows/s": read["in order"],
-                                   "reader/zstd": read["reader"] / read["zstd"],
-                                   "in order/zstd": read["in order"] / read["zstd"],
-                                   "resume: skip s": read["skip s"], "resume: read s": read["read s"]})
+            tables["read"].append(reading_row(spec, d, read))
             train = training_from_cache(folder, d, config["rounds"], train_steps)
             tables["train"].append({"model": spec["name"], "d": d, "dict_size": 16 * d, "steps": train_steps,
                                     "memory s": train["memory s"], "cache s": train["cache s"],
@@ -361,6 +372,15 @@ def main() -> None:
                 tables["sweep"] = sweep(spec, model, config, workdir, sweep_steps, [8, 16, 32, 64])
             report(args, config, tables, results, complete=False)
     report(args, config, tables, results, complete=True)
+
+
+def reading_row(spec: dict, d: int, read: dict) -> dict:
+    sustained = read[f"reader, {SUSTAINED_EPOCHS} epochs"]
+    return {"model": spec["name"], "d": d, "zstd rows/s": read["zstd"], "reader rows/s": read["reader"],
+            "in order rows/s": read["in order"], f"{SUSTAINED_EPOCHS} epochs rows/s": sustained,
+            "reader/zstd": read["reader"] / read["zstd"], "in order/zstd": read["in order"] / read["zstd"],
+            f"{SUSTAINED_EPOCHS} epochs/zstd": sustained / read["zstd"],
+            "resume: skip s": read["skip s"], "resume: read s": read["read s"]}
 
 
 def storage_only(spec: dict, model, config: dict, workdir: Path, tables: dict) -> None:
@@ -377,6 +397,13 @@ def storage_only(spec: dict, model, config: dict, workdir: Path, tables: dict) -
 
 def report(args, config: dict, tables: dict, results: list, complete: bool) -> None:
     """Print the tables so far and write the JSON (marked incomplete until the last model is done)."""
+    if not tables["write"] and tables["read"]:
+        text = _common.print_table(tables["read"], list(tables["read"][0]), title=(
+            f"reading the bf16 cache (batch 4,096, shuffle window {WINDOW:,}, {config['rows']:,} rows)"))
+        _common.write_json(args.out, {"benchmark": "cache reading", "complete": complete,
+                                      "machine": _common.machine_info(args.threads, "wall"), "config": config,
+                                      "read": tables["read"], "table_text": text})
+        return
     if not tables["write"]:
         _common.write_json(args.out, {"benchmark": "cache storage", "machine": _common.machine_info(args.threads),
                                       "config": config, "storage": tables["storage"]})
