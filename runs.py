@@ -241,9 +241,17 @@ class Checkpointer:
             ) from None
 
 
+# trainer-config fields that only shape the initial weights, which a resumed run loads from its state
+# instead, and the value a saved config without the field ran with (the tied init W_enc = W_decᵀ)
+INITIALISATION_FIELDS = {"init_encoder_scale": 1.0}
+
+
 def _check_same_config(index: int, trainer: SAETrainer, saved: dict[str, Any]) -> None:
+    """Raises unless the trainer's config is the saved one, up to the fields that cannot change a
+    resumed run (steps, device, a drawn seed, the initialisation); those are recorded as saved."""
     current = trainer.config
-    ignored = {"steps", "device"} | ({"seed"} if trainer.seed_was_drawn else set())
+    initialisation = {name: saved.get(name, old) for name, old in INITIALISATION_FIELDS.items() if name in current}
+    ignored = {"steps", "device"} | set(initialisation) | ({"seed"} if trainer.seed_was_drawn else set())
     differing = sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
     if differing:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing)
@@ -253,6 +261,8 @@ def _check_same_config(index: int, trainer: SAETrainer, saved: dict[str, Any]) -
         )
     if trainer.seed_was_drawn and saved.get("seed") is not None:
         trainer.cfg.seed = saved["seed"]  # record the seed the run was started with
+    for name, value in initialisation.items():
+        setattr(trainer.cfg, name, value)  # and the initialisation
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

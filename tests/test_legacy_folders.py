@@ -78,3 +78,16 @@ def test_legacy_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert (folder / "trainer_0" / "ae.pt").exists()
     logged = [json.loads(line)["step"] for line in (folder / "trainer_0" / "log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_keeps_the_initialisation_the_run_started_with(tmp_path):
+    """The gated and JumpReLU recipes now start from W_enc = 0.1 W_decᵀ; a 0.2 run started from the
+    tied init (saved as init_encoder_scale 1.0, or, for JumpReLU, without the field) resumes under
+    today's defaults, which only shape weights the state replaces, and records the init it ran with."""
+    folder, configs = legacy_sweep(tmp_path)
+    trainSAE(batches(3), trainer_configs=configs, steps=6, save_dir=folder, resume_from=folder, progress=False,
+             normalize_activations=True)
+    for i, config in enumerate(configs):
+        if config["trainer"] in ("GatedSAETrainer", "GatedAnnealTrainer", "JumpReluTrainer"):
+            recorded = json.loads((folder / f"trainer_{i}" / "config.json").read_text())["trainer"]
+            assert "init_encoder_scale" not in config and recorded["init_encoder_scale"] == 1.0, (i, recorded)

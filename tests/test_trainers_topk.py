@@ -451,9 +451,9 @@ TRAINED = {
     "TopKTrainer": {"k": 5, "lr": 1e-2, "dead_tokens_threshold": 50 * BATCH},
     "BatchTopKTrainer": {"k": 5, "lr": 1e-2, **FAST_AUXK},
     "MatryoshkaBatchTopKTrainer": {"k": 5, "lr": 1e-2, "group_fractions": [0.125, 0.875], **FAST_AUXK},
-    # θ and ε in the data's units (pre-activations of a true feature are ~1)
+    # θ and ε in the data's units (pre-activations of a true feature are ~1 with W_enc = W_decᵀ)
     "JumpReluTrainer": {"lr": 3e-2, "bandwidth": 0.2, "initial_threshold": 0.5, "sparsity_penalty": 0.05,
-                        "sparsity_warmup_steps": 50},
+                        "sparsity_warmup_steps": 50, "init_encoder_scale": 1.0},
 }
 # Measured at this budget (untrained MMCS 0.40): MMCS 0.80 / 0.60 / 0.59 / 0.55 and FVU
 # 0.18 / 0.26 / 0.26 / 0.38 for TopK / BatchTopK / Matryoshka / JumpReLU. The bounds leave margin.

@@ -324,8 +324,8 @@ class GatedFamilyConfig(TrainerConfig):
     """resample dead latents every this many steps (None: never)."""
     resample_encoder_scale: float = 0.2
     """a resampled encoder column's norm, as a multiple of the mean alive column norm."""
-    init_encoder_scale: float = 1.0
-    """W_gate = init_encoder_scale · W_decᵀ at initialisation (1: the paper's tied init)."""
+    init_encoder_scale: float = 0.1
+    """W_gate = init_encoder_scale · W_decᵀ at initialisation (1: the tied init; gated.py says why 0.1)."""
 
 
 class GatedFamilyTrainer(SAETrainer):

@@ -17,7 +17,17 @@ x̂_frozen uses a frozen (stop-gradient) copy of W_dec and b_dec, so the auxilia
 gate path (W_gate, b_gate) and not the decoder; b_dec still receives its gradient through the
 input centering x − b_dec, as in the paper's pseudo-code. The magnitude path (r_mag, b_mag) is
 trained by the reconstruction term alone, and as the L1 penalty touches only the gate, the
-magnitudes suffer no shrinkage. Decoder directions are kept at unit norm (ConstrainedAdam), which
+magnitudes suffer no shrinkage.
+
+Initialisation: decoder rows unit-norm random directions, W_gate = 0.1 · W_decᵀ (`init_encoder_scale`),
+biases and r_mag 0, as the standard recipe (standard.py). With the tied W_gate = W_decᵀ each gate is
+open on about half the inputs and x̂(f) starts at several times x (at F = 8D on inputs with E‖x‖² = 1
+the first reconstruction error is ~15 E‖x‖²): the first stretch of training goes to undoing that
+overshoot instead of pulling decoder rows towards the data, and in a short run the dictionary ends
+little better than its random start (benchmarks/README.md, issue 19). At 0.1 the first reconstruction
+is below x, and the decoder's gradient f_i (x − x̂) pulls each firing row towards the inputs it fires on.
+
+Decoder directions are kept at unit norm (ConstrainedAdam), which
 keeps the L1 penalty meaningful (with free norms it could be shrunk away by scaling W_gate down
 and W_dec up). Adam runs with β1 = 0, β2 = 0.999 (`adam_betas`, DeepMind's setting and that of
 saprmarks/dictionary_learning's original gated trainer) and LR 1e-3 by default. Adam moves each
