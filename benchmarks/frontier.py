@@ -17,7 +17,9 @@ mean over seeds and the spread (max − min). With --saelens, SAELens' trainers 
 libraries have (benchmarks/saelens_worker.py, in SAELens' own virtualenv) train on the same samples in
 the same order (the worker regenerates the stream with this repository's synthetic.py) at the same
 sparsity target, with SAELens' defaults (LR 3e-4 constant after the same warmup, as its toy-SAE
-trainer), and are scored by the same function.
+trainer), and are scored by the same function; SAELens' BatchTopK and Matryoshka SAEs as it saves
+them for inference (a JumpReLU at the learned threshold), as ours use their learned threshold.
+SAELens trains on the raw samples (E‖x‖² ≈ 15.5), ours on them scaled to E‖x‖² = 1.
 """
 from __future__ import annotations
 

@@ -23,7 +23,9 @@ SAELENS_RECIPES = {  # our recipe -> SAELens training config class and its spars
 
 
 class _Scored(torch.nn.Module):
-    """A trained SAELens SAE seen through the interface ground_truth_scores reads."""
+    """A trained SAELens SAE seen through the interface ground_truth_scores reads. A BatchTopK or
+    Matryoshka SAE is scored as SAELens saves it for inference (a JumpReLU with every threshold at
+    the learned `topk_threshold`), not with the training SAE's top-k over the evaluation batch."""
 
     def __init__(self, sae):
         super().__init__()
@@ -31,7 +33,12 @@ class _Scored(torch.nn.Module):
         self.W_dec = sae.W_dec
 
     def encode(self, x):
-        return self.sae.encode(x)
+        if not hasattr(self.sae, "topk_threshold"):
+            return self.sae.encode(x)
+        pre = self.sae.process_sae_in(x) @ self.sae.W_enc + self.sae.b_enc
+        if self.sae.cfg.rescale_acts_by_decoder_norm:
+            pre = pre * self.sae.W_dec.norm(dim=-1)
+        return pre.relu() * (pre > self.sae.topk_threshold.to(pre.dtype))
 
     def decode(self, f):
         return self.sae.decode(f)

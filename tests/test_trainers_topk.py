@@ -538,3 +538,28 @@ def test_saved_dictionary_loads_with_from_pretrained(trained, name):
     x = trained["held_out"][:60].reshape(3, 20, 64)
     assert loaded(x).equal(ae(x))
     assert loaded.encode(x).equal(ae.encode(x))
+
+
+@pytest.mark.parametrize("trainer_class, config_class, extra", [
+    (TopKTrainer, TopKTrainerConfig, {}),
+    (BatchTopKTrainer, BatchTopKTrainerConfig, {}),
+    (MatryoshkaBatchTopKTrainer, MatryoshkaBatchTopKTrainerConfig, {"group_sizes": [16, 48]}),
+])
+def test_topk_family_init_encoder_is_a_tenth_of_the_decoder_transpose(trainer_class, config_class, extra):
+    ae = trainer_class(config_class(activation_dim=D, dict_size=F_SMALL, k=4, seed=0, **extra)).ae
+    torch.testing.assert_close(ae.W_dec.norm(dim=1), torch.ones(F_SMALL))
+    torch.testing.assert_close(ae.W_enc.T, 0.1 * ae.W_dec)
+    tied = trainer_class(config_class(activation_dim=D, dict_size=F_SMALL, k=4, seed=0, init_encoder_scale=1.0, **extra)).ae
+    torch.testing.assert_close(tied.W_enc.T, tied.W_dec)
+    with pytest.raises(ValueError, match="init_encoder_scale"):
+        trainer_class(config_class(activation_dim=D, dict_size=F_SMALL, k=4, init_encoder_scale=0.0, **extra))
+
+
+def test_topk_family_dead_window_is_gao_s_10m_capped_at_a_hundredth_of_the_run():
+    def window(steps, **fields):
+        return TopKTrainer(TopKTrainerConfig(activation_dim=D, dict_size=F_SMALL, k=4, steps=steps,
+                                             threshold_start_step=0, **fields)).dead_tokens_window(1024)
+    assert window(2000) == 20_480  # 1% of 2000 · 1024 tokens
+    assert window(10**6) == 10_000_000
+    assert window(None) == 10_000_000
+    assert window(2000, dead_tokens_threshold=777) == 777

@@ -7,7 +7,7 @@ entries of ReLU(π) anywhere in the batch:
     f = BatchTopK_{k·N}(ReLU(π)),   x̂ = f W_dec + b_dec,   L = (1/N) Σ_n ‖x_n − x̂_n‖² + α L_aux
 
 so the number of active latents varies from token to token while its batch average is exactly
-k. Everything else (AuxK with α = 1/32 and k_aux = D/2, geometric-median b_dec, W_enc = W_decᵀ,
+k. Everything else (AuxK with α = 1/32 and k_aux = D/2, geometric-median b_dec, W_enc = 0.1 W_decᵀ,
 unit-norm decoder with the gradient projection, Adam, the 1/√F learning rate and its schedule)
 is the TopK recipe of top_k.py (families.TopKFamilyTrainer).
 

@@ -43,6 +43,8 @@ from .base import (
 TOPK_ADAM_BETAS = (0.9, 0.999)
 TOPK_ADAM_EPS = 6.25e-10
 TOPK_DECAY_FRACTION = 0.2  # linear LR decay over the last 20% of the steps when decay_start is None
+TOPK_DEAD_TOKENS = 10_000_000  # Gao et al.'s AuxK window: dead after 10M tokens without firing
+TOPK_DEAD_FRACTION = 0.01  # ... capped at 1% of a shorter run's tokens
 
 
 class TopKSchedule:
@@ -155,8 +157,11 @@ class TopKFamilyConfig(TrainerConfig):
     """α, the weight of the AuxK loss (0 turns it off)."""
     k_aux: int | None = None
     """dead latents per token in AuxK; None: activation_dim // 2."""
-    dead_tokens_threshold: int = 10_000_000
-    """a latent is dead (for AuxK) after this many tokens without firing."""
+    dead_tokens_threshold: int | None = None
+    """a latent is dead (for AuxK) after this many tokens without firing; None: Gao et al.'s 10M,
+    or 1% of the run's tokens (steps × batch) when that is fewer, so that AuxK acts in a short run."""
+    init_encoder_scale: float = 0.1
+    """W_enc = init_encoder_scale · W_decᵀ at initialisation (1: Gao et al.'s W_enc = W_decᵀ)."""
     threshold_beta: float = 0.999
     """β of the inference threshold's moving average."""
     threshold_start_step: int = 1000
@@ -172,12 +177,12 @@ class TopKFamilyConfig(TrainerConfig):
 class TopKFamilyTrainer(TopKSchedule, SAETrainer):
     """Gao et al.'s method around a top-k selection (the dictionary's `select`).
 
-        L = (1/N) Σ_n ‖x_n − x̂_n‖²  +  α · L_aux        (AuxK on latents dead for `dead_tokens_threshold` tokens)
+        L = (1/N) Σ_n ‖x_n − x̂_n‖²  +  α · L_aux        (AuxK on latents dead for `dead_tokens_window` tokens)
 
-    b_dec starts at the geometric median of the first batch; unit-norm decoder rows (the gradient
-    along each row is removed before the Adam step, the row renormalised after it); Adam with
-    β = (0.9, 0.999), ε = 6.25e-10; LR 2e-4 / √(F / 2¹⁴), linear warmup, linear decay over the last
-    20 %; from `threshold_start_step` the inference threshold θ tracks `threshold_statistic` of
+    b_dec starts at the geometric median of the first batch, W_enc at `init_encoder_scale` · W_decᵀ;
+    unit-norm decoder rows (the gradient along each row is removed before the Adam step, the row
+    renormalised after it); Adam with β = (0.9, 0.999), ε = 6.25e-10; LR 2e-4 / √(F / 2¹⁴), linear
+    warmup, linear decay over the last 20 %; from `threshold_start_step` the inference threshold θ tracks `threshold_statistic` of
     each batch's kept activations (RunningThreshold). A recipe sets `dictionary_class` and
     `threshold_statistic`, and may override `reconstruction_loss`.
     """
@@ -189,6 +194,8 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
         super().__init__(config)
         self.check_config()
         self.ae = self.build_dictionary(*self.dictionary_arguments())
+        with torch.no_grad():
+            self.ae.W_enc.mul_(config.init_encoder_scale)
         self.optimizer = ConstrainedAdam(self.ae.parameters(), [self.ae.W_dec], lr=self.lr, betas=TOPK_ADAM_BETAS,
                                          eps=TOPK_ADAM_EPS)
         self.k_aux = config.k_aux if config.k_aux is not None else max(1, config.activation_dim // 2)
@@ -205,7 +212,8 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
             raise ValueError(f"{name}: k_aux must be in [1, dict_size={cfg.dict_size}] or None, got {cfg.k_aux}")
         if cfg.auxk_alpha < 0:
             raise ValueError(f"{name}: auxk_alpha must be >= 0 (0 turns AuxK off), got {cfg.auxk_alpha}")
-        if cfg.dead_tokens_threshold <= 0:
+        check_positive("init_encoder_scale", cfg.init_encoder_scale)
+        if cfg.dead_tokens_threshold is not None and cfg.dead_tokens_threshold <= 0:
             raise ValueError(
                 f"{name}: dead_tokens_threshold must be a positive token count, got {cfg.dead_tokens_threshold}"
             )
@@ -257,15 +265,24 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
         ).relu()
         return codes._replace(values=values), pre, encoder_input
 
-    def dead_latent_mask(self) -> torch.Tensor:
-        return self.dead_tracker.dead_after_tokens(self.cfg.dead_tokens_threshold)
+    def dead_tokens_window(self, tokens_per_step: int) -> int:
+        """Tokens without firing after which a latent is dead: `dead_tokens_threshold`, or
+        min(10M, ⌊0.01 · steps · tokens_per_step⌋) (at least 1; 10M without steps)."""
+        if self.cfg.dead_tokens_threshold is not None:
+            return self.cfg.dead_tokens_threshold
+        if self.cfg.steps is None:
+            return TOPK_DEAD_TOKENS
+        return max(1, min(TOPK_DEAD_TOKENS, int(TOPK_DEAD_FRACTION * self.cfg.steps * tokens_per_step)))
+
+    def dead_latent_mask(self, tokens_per_step: int) -> torch.Tensor:
+        return self.dead_tracker.dead_after_tokens(self.dead_tokens_window(tokens_per_step))
 
     def loss(self, x: torch.Tensor, step: int) -> LossOutput:
         x = x.reshape(-1, self.cfg.activation_dim)
         codes, pre, encoder_input = self.training_codes(x)
         recon_loss, residual, metrics = self.reconstruction_loss(x, codes)
         loss = recon_loss
-        dead_mask = self.dead_latent_mask()
+        dead_mask = self.dead_latent_mask(x.shape[0] * self.replicas.size)
         if self.cfg.auxk_alpha > 0:
             mean_variance = (self.replicas.mean_squared_deviation(residual)
                              if self.replicas.distributed and bool(dead_mask.any()) else None)

@@ -11,12 +11,17 @@ that revives dead latents:
     e = x − x̂ (held fixed),   ê = Σ_{i ∈ TopK_{k_aux}(π[dead])} ReLU(π_i) W_dec[i]   (no bias)
     L_aux = ‖e − ê‖² / ‖e − ē‖²        (sums over the batch; ē the batch mean of e)
 
-where "dead" latents have not fired in `dead_tokens_threshold` (10M) tokens and k_aux = D/2
-(a heuristic of saprmarks/dictionary_learning; the paper used 512). Only dead latents' encoder
+where "dead" latents have not fired in `dead_tokens_threshold` tokens (the paper's 10M, or 1%
+of a shorter run's tokens, so that AuxK acts at all in a run of a few million tokens) and
+k_aux = D/2 (a heuristic of saprmarks/dictionary_learning; the paper used 512). Only dead latents' encoder
 columns, encoder biases and decoder rows receive L_aux's gradient.
 
-Initialisation (appendix A.1): unit-norm decoder directions, W_enc = W_decᵀ, b_enc = 0, and b_dec
-at the geometric median of the first batch (Weiszfeld's algorithm). The decoder directions stay at
+Initialisation (appendix A.1): unit-norm decoder directions, W_enc = c · W_decᵀ, b_enc = 0, and
+b_dec at the geometric median of the first batch (Weiszfeld's algorithm). The paper ties the
+encoder with c = 1; the default c = `init_encoder_scale` = 0.1 (Anthropic's April 2024 update, as
+SAELens's decoder_init_norm and our standard recipe) lets each latent choose its feature from the
+gradient rather than from its random starting direction, and recovers markedly more of the ground
+truth on benchmarks/frontier.py (benchmarks/README.md). The decoder directions stay at
 unit norm: the gradient component along each is removed before the Adam step and it is
 renormalised after it. Adam uses β = (0.9, 0.999) and ε = 6.25e-10 (the paper's code); the LR
 defaults to 2e-4 / √(F / 2¹⁴) (the paper's 1/√F scaling law, Figure 3), warms up linearly over
