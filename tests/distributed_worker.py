@@ -45,7 +45,9 @@ def recipe_configs() -> list[dict]:
     p-annealing stops at p = 0.8: towards p = 0.2 the penalty's gradient p·f^(p−1) at features near 0
     amplifies rounding so much that two one-process runs on inputs differing by 1e-7 (relative)
     already end 1e-4 (PAnneal) to 3e-2 (GatedAnneal) apart, and no float tolerance separates a
-    bug from rounding there."""
+    bug from rounding there. For the same reason GatedAnneal keeps the tied init W_gate = W_decᵀ
+    (init_encoder_scale 1): from its default 0.1 · W_decᵀ, whose gate weights are 10× smaller at
+    this LR, its β1 = 0 Adam leaves the two runs' gate biases 2e-4 apart."""
     configs = []
     variants = [(name, {}) for name in trainer_names()]
     variants += [("StandardTrainer", {"ghost_threshold": 4, "resample_steps": None, "target_l0": 4.0}),
@@ -59,6 +61,8 @@ def recipe_configs() -> list[dict]:
                   "decay_start": 15, "sparsity_warmup_steps": 5, "seed": 1,
                   "site": "tc" if "Transcoder" in name else "sae"}
         config.update({key: value for key, value in extras.items() if key in fields})
+        if name == "GatedAnnealTrainer":
+            config["init_encoder_scale"] = 1.0
         config.update(overrides)
         configs.append(config)
     return configs
