@@ -182,8 +182,8 @@ class TopKFamilyTrainer(TopKSchedule, SAETrainer):
     b_dec starts at the geometric median of the first batch, W_enc at `init_encoder_scale` · W_decᵀ;
     unit-norm decoder rows (the gradient along each row is removed before the Adam step, the row
     renormalised after it); Adam with β = (0.9, 0.999), ε = 6.25e-10; LR 2e-4 / √(F / 2¹⁴), linear
-    warmup, linear decay over the last 20 %; from `threshold_start_step` the inference threshold θ tracks `threshold_statistic` of
-    each batch's kept activations (RunningThreshold). A recipe sets `dictionary_class` and
+    warmup, linear decay over the last 20 %; from `threshold_start_step` the inference threshold θ
+    tracks `threshold_statistic` of each batch's kept activations (RunningThreshold). A recipe sets `dictionary_class` and
     `threshold_statistic`, and may override `reconstruction_loss`.
     """
 
