@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -263,16 +262,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
-    """Write `payload` to `path` atomically (temp file + rename); no-op when path is None."""
+    """Write `payload` to `path` atomically, with the user's umask (the library's `atomic_write`);
+    no-op when path is None."""
     if path is None:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    import_library()
+    from dictionary_learning.files import atomic_write
+
+    data = (json.dumps(payload, indent=2, default=str) + "\n").encode()
+    atomic_write(path, lambda file: file.write(data))
     print(f"wrote {path}")
 
 

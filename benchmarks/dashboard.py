@@ -264,7 +264,7 @@ def main() -> None:
                              f"{s['chunks']} latent files of {s['chunk_mb']:.2f} MB"
                              + (f"; features.pt {s['features_pt_mb']:.1f} MB" if s["features_pt_mb"] else "")})
         if b:
-            rows.append({"what": f"  Chromium: index / latent ready (s)", "value":
+            rows.append({"what": "  Chromium: index / latent ready (s)", "value":
                          f"{b['index_ready_s']:.2f} / {b['latent_ready_s']:.2f}",
                          "note": f"{b['index_table']}; console errors: {len(b['errors'])}"})
     alive = int((stats.fire_count > 0).sum())

@@ -66,12 +66,15 @@ def recipe_config(name: str, level: int, steps: int, seed: int) -> dict:
     return config
 
 
-def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int) -> dict:
+def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int, overrides: dict | None = None) -> dict:
+    """Trains recipe `name` at `level` (its config from `recipe_config`, with `overrides` on top) and
+    scores it on held-out samples."""
     from dictionary_learning import HierarchicalActivations, ground_truth_scores, trainSAE
 
     train = HierarchicalActivations(seed=0, stream_seed=1000 + seed, **DATA)
     start = _common.CLOCKS[_common._clock_name]()
-    (dictionary,) = trainSAE((train.sample() for _ in range(steps)), trainer_configs=[recipe_config(name, level, steps, seed)], steps=steps,
+    config = {**recipe_config(name, level, steps, seed), **(overrides or {})}
+    (dictionary,) = trainSAE((train.sample() for _ in range(steps)), trainer_configs=[config], steps=steps,
                              normalize_activations=True, progress=False)
     seconds = _common.CLOCKS[_common._clock_name]() - start
     held_out = HierarchicalActivations(seed=0, stream_seed=99, **DATA)

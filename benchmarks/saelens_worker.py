@@ -62,8 +62,8 @@ def main() -> None:
     sae_config = {"d_in": config["data"]["activation_dim"], "d_sae": config["dict_size"]}
     if field == "k":
         sae_config.update(k=config["level"], rescale_acts_by_decoder_norm=False)
-    elif field == "target_l0":
-        sae_config.update(target_l0=config["level"])
+    elif field == "target_l0":  # only the quadratic mode (Gemma Scope 2's) aims at target_l0; "step" ignores it
+        sae_config.update(target_l0=config["level"], jumprelu_sparsity_loss_mode="quadratic")
     if config["recipe"] == "MatryoshkaBatchTopKTrainer":
         sae_config["matryoshka_widths"] = [64, 192, config["dict_size"]]
     torch.manual_seed(config["seed"])  # SAELens initialises from the global RNG
