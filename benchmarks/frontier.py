@@ -20,6 +20,20 @@ sparsity target, with SAELens' defaults (LR 3e-4 constant after the same warmup,
 trainer), and are scored by the same function; SAELens' BatchTopK and Matryoshka SAEs as it saves
 them for inference (a JumpReLU at the learned threshold), as ours use their learned threshold.
 SAELens trains on the raw samples (E‖x‖² ≈ 15.5), ours on them scaled to E‖x‖² = 1.
+
+    python benchmarks/frontier.py --data bundled [--quick] [--threads 1] [--clock cpu] [--seeds 1]
+                                  [--steps 1000] [--levels 8 16 32] [--out ...] [--png ...]
+
+With --data bundled, the frontier on the bundled model (bundled.py: a 4-layer GPT-NeoX, d = 128) at
+the demo's site, the output of layer 0's MLP (the MLP that carries most of the model's loss). The
+activations are collected once into activation caches (cache.py; bfloat16, 128-token contexts) under
+the benchmark cache folder: `--steps` × 1024 tokens of the stdlib train split, 32,768 of the held-out
+split. Each recipe trains F = 8 × 128 = 1024 latents with the same `recipe_config` as above (dimensions
+aside) on the train cache, read by `CachedActivations` with the run's seed (every recipe of a seed
+reads the same rows in the same order). Scores: L0, FVU = 1 − explained variance and dead latents
+(never firing) on the held-out rows (`tensor_metrics`), and CE recovered (against zero ablation) and
+the CE increase with the dictionary spliced into the model on 32 held-out texts
+(`loss_recovered`). The PNG plots FVU and CE recovered against L0.
 """
 from __future__ import annotations
 
@@ -67,12 +81,13 @@ def recipe_config(name: str, level: int, steps: int, seed: int, activation_dim: 
     return config
 
 
-def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int) -> dict:
+def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int, lr: float | None = None) -> dict:
     from dictionary_learning import HierarchicalActivations, ground_truth_scores, trainSAE
 
     train = HierarchicalActivations(seed=0, stream_seed=1000 + seed, **DATA)
     start = _common.CLOCKS[_common._clock_name]()
-    (dictionary,) = trainSAE((train.sample() for _ in range(steps)), trainer_configs=[recipe_config(name, level, steps, seed)], steps=steps,
+    config = recipe_config(name, level, steps, seed) | ({} if lr is None else {"lr": lr})
+    (dictionary,) = trainSAE((train.sample() for _ in range(steps)), trainer_configs=[config], steps=steps,
                              normalize_activations=True, progress=False)
     seconds = _common.CLOCKS[_common._clock_name]() - start
     held_out = HierarchicalActivations(seed=0, stream_seed=99, **DATA)
@@ -120,7 +135,7 @@ def bundled_cache(model, split: str, n_tokens: int) -> Path:
 
 
 def bundled_train_and_score(name: str, level: int, steps: int, seed: int, train_path: Path,
-                            heldout: list, texts: list[str], model) -> dict:
+                            heldout: list, texts: list[str], model, lr: float | None = None) -> dict:
     """Train recipe `name` on the cached train-split rows (seed s: every recipe reads the same rows in the same
     order), then score it on the held-out rows (L0, FVU, dead latents) and, spliced into the model, on the
     held-out texts (CE recovered against zero ablation)."""
@@ -131,7 +146,7 @@ def bundled_train_and_score(name: str, level: int, steps: int, seed: int, train_
 
     data = CachedActivations(train_path, batch_size=BUNDLED["batch_size"], seed=seed, epochs=None, dtype=torch.float32)
     config = recipe_config(name, level, steps, seed, activation_dim=BUNDLED["activation_dim"],
-                           dict_size=BUNDLED_DICT_SIZE)
+                           dict_size=BUNDLED_DICT_SIZE) | ({} if lr is None else {"lr": lr})
     start = _common.CLOCKS[_common._clock_name]()
     (dictionary,) = trainSAE(data, trainer_configs=[config], steps=steps, normalize_activations=True, progress=False)
     seconds = _common.CLOCKS[_common._clock_name]() - start
@@ -171,7 +186,7 @@ def main_bundled(args) -> None:
         for level in levels:
             results = []
             for seed in seeds:
-                result = bundled_train_and_score(name, level, steps, seed, train_path, heldout, texts, model)
+                result = bundled_train_and_score(name, level, steps, seed, train_path, heldout, texts, model, args.lr)
                 results.append(result)
                 runs.append({"recipe": name, "level": level, "seed": seed, **result})
                 print(f"  {name} {RECIPES[name]}={level} seed {seed}: "
@@ -188,7 +203,8 @@ def main_bundled(args) -> None:
                "ce_recovered spread", "ce_diff", "dead_latents", "seconds"]
     text = _common.print_table(table, columns, title=(
         f"frontier on the bundled model's {BUNDLED['site']} output (F={BUNDLED_DICT_SIZE}, {steps} steps x "
-        f"{BUNDLED['batch_size']}, {len(seeds)} seeds, {args.threads} threads, {args.clock} clock)"))
+        f"{BUNDLED['batch_size']}, {len(seeds)} seeds, {args.threads} threads, {args.clock} clock"
+        + ("" if args.lr is None else f", lr {args.lr:g}") + ")"))
     if args.png:
         plot(table, args.png, metrics=("fvu", "ce_recovered"), log_y=("fvu",))
     _common.write_json(args.out, {"benchmark": "frontier", "data": "bundled",
@@ -196,6 +212,7 @@ def main_bundled(args) -> None:
                                   "setup": {**BUNDLED, "eval_tokens": eval_tokens, "eval_texts": eval_texts,
                                             "eval_targets": runs[0]["n_targets"] if runs else None},
                                   "dict_size": BUNDLED_DICT_SIZE, "steps": steps, "seeds": seeds,
+                                  **({} if args.lr is None else {"lr": args.lr}),
                                   "runs": runs, "table": table, "table_text": text, "finished": time.time()})
 
 
@@ -209,6 +226,8 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=None,
                         help=f"sparsity targets (default 4 8 16 synthetic, {' '.join(map(str, BUNDLED_LEVELS))} bundled)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--lr", type=float, default=None,
+                        help="train every recipe at this learning rate instead of its default (for probes)")
     parser.add_argument("--png", default=None, help="plot the frontier here (needs matplotlib)")
     parser.add_argument("--saelens", action="store_true",
                         help="also train SAELens' trainers (TopK, BatchTopK, Matryoshka, JumpReLU, standard) on the "
@@ -228,7 +247,7 @@ def main() -> None:
         for level in args.levels:
             results = []
             for seed in seeds:
-                result = train_and_score(name, level, steps, seed, n_eval)
+                result = train_and_score(name, level, steps, seed, n_eval, args.lr)
                 results.append(result)
                 runs.append({"recipe": name, "level": level, "seed": seed, **result})
                 print(f"  {name} {RECIPES[name]}={level} seed {seed}: "
@@ -262,6 +281,7 @@ def main() -> None:
         plot(table, args.png)
     _common.write_json(args.out, {"benchmark": "frontier", "machine": _common.machine_info(args.threads, args.clock),
                                   "data": DATA, "dict_size": DICT_SIZE, "steps": steps, "seeds": seeds,
+                                  **({} if args.lr is None else {"lr": args.lr}),
                                   "runs": runs, "table": table, "table_text": text, "finished": time.time()})
 
 
