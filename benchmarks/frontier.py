@@ -33,7 +33,7 @@ aside) on the train cache, read by `CachedActivations` with the run's seed (ever
 reads the same rows in the same order). Scores: L0, FVU = 1 − explained variance and dead latents
 (never firing) on the held-out rows (`tensor_metrics`), and CE recovered (against zero ablation) and
 the CE increase with the dictionary spliced into the model on 32 held-out texts
-(`loss_recovered`). The PNG plots FVU and CE recovered against L0.
+(`loss_recovered`). The PNG plots FVU, CE recovered and the CE increase (nats) against L0.
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def main_bundled(args) -> None:
         f"{BUNDLED['batch_size']}, {len(seeds)} seeds, {args.threads} threads, {args.clock} clock"
         + ("" if args.lr is None else f", lr {args.lr:g}") + ")"))
     if args.png:
-        plot(table, args.png, metrics=("fvu", "ce_recovered"), log_y=("fvu",))
+        plot(table, args.png, metrics=("fvu", "ce_recovered", "ce_diff"), log_y=("fvu", "ce_diff"))
     _common.write_json(args.out, {"benchmark": "frontier", "data": "bundled",
                                   "machine": _common.machine_info(args.threads, args.clock),
                                   "setup": {**BUNDLED, "eval_tokens": eval_tokens, "eval_texts": eval_texts,
