@@ -22,7 +22,7 @@ them for inference (a JumpReLU at the learned threshold), as ours use their lear
 SAELens trains on the raw samples (E‖x‖² ≈ 15.5), ours on them scaled to E‖x‖² = 1.
 
     python benchmarks/frontier.py --data bundled [--quick] [--threads 1] [--clock cpu] [--seeds 1]
-                                  [--steps 1000] [--levels 8 16 32] [--out ...] [--png ...]
+                                  [--steps 1000] [--levels 8 16 32] [--lr X] [--out ...] [--png ...]
 
 With --data bundled, the frontier on the bundled model (bundled.py: a 4-layer GPT-NeoX, d = 128) at
 the demo's site, the output of layer 0's MLP (the MLP that carries most of the model's loss). The
