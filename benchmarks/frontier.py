@@ -20,6 +20,20 @@ sparsity target, with SAELens' defaults (LR 3e-4 constant after the same warmup,
 trainer), and are scored by the same function; SAELens' BatchTopK and Matryoshka SAEs as it saves
 them for inference (a JumpReLU at the learned threshold), as ours use their learned threshold.
 SAELens trains on the raw samples (E‖x‖² ≈ 15.5), ours on them scaled to E‖x‖² = 1.
+
+    python benchmarks/frontier.py --data bundled [--quick] [--threads 1] [--clock cpu] [--seeds 1]
+                                  [--steps 1000] [--levels 8 16 32] [--lr X] [--out ...] [--png ...]
+
+With --data bundled, the frontier on the bundled model (bundled.py: a 4-layer GPT-NeoX, d = 128) at
+the demo's site, the output of layer 0's MLP (the MLP that carries most of the model's loss). The
+activations are collected once into activation caches (cache.py; bfloat16, 128-token contexts) under
+the benchmark cache folder: `--steps` × 1024 tokens of the stdlib train split, 32,768 of the held-out
+split. Each recipe trains F = 8 × 128 = 1024 latents with the same `recipe_config` as above (dimensions
+aside) on the train cache, read by `CachedActivations` with the run's seed (every recipe of a seed
+reads the same rows in the same order). Scores: L0, FVU = 1 − explained variance and dead latents
+(never firing) on the held-out rows (`tensor_metrics`), and CE recovered (against zero ablation) and
+the CE increase with the dictionary spliced into the model on 32 held-out texts
+(`loss_recovered`). The PNG plots FVU, CE recovered and the CE increase (nats) against L0.
 """
 from __future__ import annotations
 
@@ -27,7 +41,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,11 +67,12 @@ DICT_SIZE = 512
 METRICS = ("l0", "explained_variance", "mcc", "f1", "precision", "recall", "uniqueness", "dead_latents")
 
 
-def recipe_config(name: str, level: int, steps: int, seed: int) -> dict:
-    config = {"trainer": name, "activation_dim": DATA["activation_dim"], "dict_size": DICT_SIZE, "seed": seed}
+def recipe_config(name: str, level: int, steps: int, seed: int, activation_dim: int = DATA["activation_dim"],
+                  dict_size: int = DICT_SIZE) -> dict:
+    config = {"trainer": name, "activation_dim": activation_dim, "dict_size": dict_size, "seed": seed}
     config[RECIPES[name]] = level
     if name == "MatryoshkaBatchTopKTrainer":
-        config["group_sizes"] = [64, 128, DICT_SIZE - 192]
+        config["group_sizes"] = [dict_size // 8, dict_size // 4, dict_size - dict_size // 8 - dict_size // 4]
     if name in ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer"):
         config["threshold_start_step"] = steps // 2
     if name in ("StandardTrainer", "GatedSAETrainer", "PAnnealTrainer", "GatedAnnealTrainer"):
@@ -100,12 +114,121 @@ def saelens_run(name: str, level: int, steps: int, seed: int, n_eval: int, threa
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+BUNDLED = dict(site="gpt_neox.layers.0.mlp", io="out", ctx_len=128, activation_dim=128, batch_size=1024,
+               eval_tokens=32_768, eval_texts=32)
+BUNDLED_DICT_SIZE = 8 * BUNDLED["activation_dim"]
+BUNDLED_STEPS = 1000
+BUNDLED_LEVELS = [8, 16, 32]
+BUNDLED_METRICS = ("l0", "fvu", "explained_variance", "ce_recovered", "ce_diff", "dead_latents")
+
+
+def bundled_cache(model, split: str, n_tokens: int) -> Path:
+    """The activation cache of the bundled model's `BUNDLED["site"]` over the first `n_tokens` tokens of the
+    stdlib `split`, written once under the benchmark cache folder and reused by every later run."""
+    from dictionary_learning.bundled import stdlib_text_stream
+    from dictionary_learning.cache import cache_activations
+
+    path = _common.CACHE_DIR / "frontier_bundled" / f"{split}_{BUNDLED['site']}_{BUNDLED['ctx_len']}_{n_tokens}"
+    cache_activations(stdlib_text_stream(split=split, repeat=split == "train"), model, BUNDLED["site"], path,
+                      n_tokens, io=BUNDLED["io"], ctx_len=BUNDLED["ctx_len"], resume=path.exists(),
+                      data_source=f"stdlib {split} split", progress=False)
+    return path
+
+
+def bundled_train_and_score(name: str, level: int, steps: int, seed: int, train_path: Path,
+                            heldout: list, texts: list[str], model, lr: float | None = None) -> dict:
+    """Train recipe `name` on the cached train-split rows (seed s: every recipe reads the same rows in the same
+    order), then score it on the held-out rows (L0, FVU, dead latents) and, spliced into the model, on the
+    held-out texts (CE recovered against zero ablation)."""
+    import torch
+    from dictionary_learning import trainSAE
+    from dictionary_learning.cache_reader import CachedActivations
+    from dictionary_learning.evaluation import loss_recovered, tensor_metrics
+
+    data = CachedActivations(train_path, batch_size=BUNDLED["batch_size"], seed=seed, epochs=None, dtype=torch.float32)
+    config = recipe_config(name, level, steps, seed, activation_dim=BUNDLED["activation_dim"],
+                           dict_size=BUNDLED_DICT_SIZE) | ({} if lr is None else {"lr": lr})
+    start = _common.CLOCKS[_common._clock_name]()
+    (dictionary,) = trainSAE(data, trainer_configs=[config], steps=steps, normalize_activations=True, progress=False)
+    seconds = _common.CLOCKS[_common._clock_name]() - start
+    data.close()
+    metrics = tensor_metrics(dictionary, heldout)
+    lm = loss_recovered(texts, model, BUNDLED["site"], dictionary, max_len=BUNDLED["ctx_len"], io=BUNDLED["io"])
+    return {"l0": metrics["l0"], "fvu": 1 - metrics["frac_variance_explained"],
+            "explained_variance": metrics["frac_variance_explained"], "ce_recovered": lm["frac_recovered"],
+            "ce_diff": lm["ce_diff"], "kl": lm["kl_reconstructed"], "ce_clean": lm["ce_clean"], "ce_zero": lm["ce_zero"],
+            "n_targets": lm["n_tokens"],
+            "dead_latents": round(BUNDLED_DICT_SIZE * (1 - metrics["frac_alive"])), "seconds": seconds}
+
+
+def main_bundled(args) -> None:
+    """The frontier on the bundled model (`--data bundled`): see the module docstring."""
+    import itertools
+
+    import torch
+    from dictionary_learning.bundled import load_bundled_model, stdlib_text_stream
+    from dictionary_learning.cache_reader import CachedActivations
+
+    if args.saelens:
+        raise SystemExit("--saelens runs on the synthetic data only")
+    steps = 50 if args.quick else args.steps or BUNDLED_STEPS
+    levels = args.levels or BUNDLED_LEVELS
+    eval_tokens = 8192 if args.quick else BUNDLED["eval_tokens"]
+    eval_texts = 8 if args.quick else BUNDLED["eval_texts"]
+    seeds = list(range(1 if args.quick else args.seeds))
+    model = load_bundled_model()
+    train_path = bundled_cache(model, "train", steps * BUNDLED["batch_size"])
+    heldout_path = bundled_cache(model, "heldout", eval_tokens)
+    with CachedActivations(heldout_path, batch_size=4096, shuffle=False, epochs=1, dtype=torch.float32) as reader:
+        heldout = list(itertools.islice(reader, eval_tokens // 4096))
+    texts = list(itertools.islice(stdlib_text_stream(split="heldout"), eval_texts))
+    runs, table = [], []
+    for name in args.recipes:
+        for level in levels:
+            results = []
+            for seed in seeds:
+                result = bundled_train_and_score(name, level, steps, seed, train_path, heldout, texts, model, args.lr)
+                results.append(result)
+                runs.append({"recipe": name, "level": level, "seed": seed, **result})
+                print(f"  {name} {RECIPES[name]}={level} seed {seed}: "
+                      + ", ".join(f"{m} {_common.fmt(result[m])}" for m in (*BUNDLED_METRICS, "seconds")), flush=True)
+            row = {"recipe": name, "target": f"{RECIPES[name]}={level}"}
+            for metric in BUNDLED_METRICS:
+                values = [r[metric] for r in results]
+                row[metric] = statistics.mean(values)
+                if metric in ("fvu", "ce_recovered"):
+                    row[f"{metric} spread"] = max(values) - min(values)
+            row["seconds"] = statistics.mean(r["seconds"] for r in results)
+            table.append(row)
+    columns = ["recipe", "target", "l0", "fvu", "fvu spread", "explained_variance", "ce_recovered",
+               "ce_recovered spread", "ce_diff", "dead_latents", "seconds"]
+    text = _common.print_table(table, columns, title=(
+        f"frontier on the bundled model's {BUNDLED['site']} output (F={BUNDLED_DICT_SIZE}, {steps} steps x "
+        f"{BUNDLED['batch_size']}, {len(seeds)} seeds, {args.threads} threads, {args.clock} clock"
+        + ("" if args.lr is None else f", lr {args.lr:g}") + ")"))
+    if args.png:
+        plot(table, args.png, metrics=("fvu", "ce_recovered", "ce_diff"), log_y=("fvu", "ce_diff"))
+    _common.write_json(args.out, {"benchmark": "frontier", "data": "bundled",
+                                  "machine": _common.machine_info(args.threads, args.clock),
+                                  "setup": {**BUNDLED, "eval_tokens": eval_tokens, "eval_texts": eval_texts,
+                                            "eval_targets": runs[0]["n_targets"] if runs else None},
+                                  "dict_size": BUNDLED_DICT_SIZE, "steps": steps, "seeds": seeds,
+                                  **({} if args.lr is None else {"lr": args.lr}),
+                                  "runs": runs, "table": table, "table_text": text, "finished": time.time()})
+
+
 def main() -> None:
     parser = _common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--data", choices=("synthetic", "bundled"), default="synthetic",
+                        help="hierarchical synthetic ground truth (default), or the bundled model's activations")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--levels", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training batches (default 2000 synthetic, {BUNDLED_STEPS} bundled)")
+    parser.add_argument("--levels", type=int, nargs="+", default=None,
+                        help=f"sparsity targets (default 4 8 16 synthetic, {' '.join(map(str, BUNDLED_LEVELS))} bundled)")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--lr", type=float, default=None,
+                        help="train every recipe at this learning rate instead of its default (for probes)")
     parser.add_argument("--png", default=None, help="plot the frontier here (needs matplotlib)")
     parser.add_argument("--saelens", action="store_true",
                         help="also train SAELens' trainers (TopK, BatchTopK, Matryoshka, JumpReLU, standard) on the "
@@ -114,7 +237,10 @@ def main() -> None:
     _common.set_threads(args.threads)
     _common.set_clock(args.clock)
     _common.import_library()
-    steps = 200 if args.quick else args.steps
+    if args.data == "bundled":
+        return main_bundled(args)
+    steps = 200 if args.quick else args.steps or 2000
+    args.levels = args.levels or [4, 8, 16]
     n_eval = 4096 if args.quick else 32_768
     seeds = list(range(1 if args.quick else args.seeds))
     runs, table = [], []
@@ -122,7 +248,7 @@ def main() -> None:
         for level in args.levels:
             results = []
             for seed in seeds:
-                result = train_and_score(name, level, steps, seed, n_eval)
+                result = train_and_score(name, level, steps, seed, n_eval, None if args.lr is None else {"lr": args.lr})
                 results.append(result)
                 runs.append({"recipe": name, "level": level, "seed": seed, **result})
                 print(f"  {name} {RECIPES[name]}={level} seed {seed}: "
@@ -156,10 +282,12 @@ def main() -> None:
         plot(table, args.png)
     _common.write_json(args.out, {"benchmark": "frontier", "machine": _common.machine_info(args.threads, args.clock),
                                   "data": DATA, "dict_size": DICT_SIZE, "steps": steps, "seeds": seeds,
+                                  **({} if args.lr is None else {"lr": args.lr}),
                                   "runs": runs, "table": table, "table_text": text, "finished": time.time()})
 
 
-def plot(table: list[dict], path: str) -> None:
+def plot(table: list[dict], path: str, metrics: tuple[str, ...] = ("explained_variance", "mcc", "f1"),
+         log_y: tuple[str, ...] = ()) -> None:
     try:
         import matplotlib
 
@@ -167,12 +295,14 @@ def plot(table: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--png needs matplotlib: pip install matplotlib") from None
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.5))
     for name in dict.fromkeys(row["recipe"] for row in table):
         rows = sorted((row for row in table if row["recipe"] == name), key=lambda row: row["l0"])
-        for axis, metric in zip(axes, ("explained_variance", "mcc", "f1")):
+        for axis, metric in zip(axes, metrics):
             axis.plot([row["l0"] for row in rows], [row[metric] for row in rows], marker="o", label=name)
             axis.set_xscale("log")
+            if metric in log_y:
+                axis.set_yscale("log")
             axis.set_xlabel("L0")
             axis.set_ylabel(metric)
     axes[0].legend(fontsize=7)
