@@ -27,7 +27,7 @@ SAELens trains on the raw samples (E‖x‖² ≈ 15.5), ours on them scaled to 
 features, 85 per tree) plus 16 independent features: 1,376 in all (21.5 per dimension, as 16,384 / 768);
 Zipfian top-level firing (exponent 0.5, probabilities clipped to [5e-4, 0.4], 3 top-level features
 active on average), an active node activating one of its 4 mutually exclusive children with
-probability 0.8; 6.2 features active per sample on average; correlated top-level firing (rank 4,
+probability 0.8; 6.1 features active per sample on average; correlated top-level firing (rank 4,
 strength 0.1); magnitudes with means log-uniform in [4, 5], cv 0.25, a child's not scaled by its
 parent's; no noise (E‖x‖² ≈ 131). F = 344. Matryoshka's nested groups are 1/8, 1/4 and the rest of the
 dictionary at either width ([64, 128, 320] at F = 512, [43, 86, 215] at F = 344), in both libraries.
