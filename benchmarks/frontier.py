@@ -2,7 +2,8 @@
 field's metrics (MCC, per-latent F1, uniqueness, explained variance).
 
     python benchmarks/frontier.py [--quick] [--threads 1] [--clock cpu] [--seeds 2] [--steps 2000]
-                                  [--levels 4 8 16] [--out results/frontier.json] [--png results/frontier.png]
+                                  [--levels 4 8 16] [--data synthetic|narrow] [--out results/frontier.json]
+                                  [--png results/frontier.png]
 
 Data: `HierarchicalActivations` with D = 64, 32 trees of branching 3 and depth 2 plus 64 independent
 features (480 features in all, 5.6 active per sample on average), correlated top-level firing (rank 4,
@@ -20,6 +21,16 @@ sparsity target, with SAELens' defaults (LR 3e-4 constant after the same warmup,
 trainer), and are scored by the same function; SAELens' BatchTopK and Matryoshka SAEs as it saves
 them for inference (a JumpReLU at the learned threshold), as ours use their learned threshold.
 SAELens trains on the raw samples (E‖x‖² ≈ 15.5), ours on them scaled to E‖x‖² = 1.
+
+--data narrow: SynthSAEBench-16k's regime at CPU size, a dictionary 4× narrower than the true features
+(its SAEs: 4,096 latents for 16,384 features). D = 64, 16 trees of branching 4 and depth 3 (1,360
+features, 85 per tree) plus 16 independent features: 1,376 in all (21.5 per dimension, as 16,384 / 768);
+Zipfian top-level firing (exponent 0.5, probabilities clipped to [5e-4, 0.4], 3 top-level features
+active on average), an active node activating one of its 4 mutually exclusive children with
+probability 0.8; 6.1 features active per sample on average; correlated top-level firing (rank 4,
+strength 0.1); magnitudes with means log-uniform in [4, 5], cv 0.25, a child's not scaled by its
+parent's; no noise (E‖x‖² ≈ 131). F = 344. Matryoshka's nested groups are 1/8, 1/4 and the rest of the
+dictionary at any width ([64, 128, 320] at F = 512, [43, 86, 215] at F = 344), in both libraries.
 
     python benchmarks/frontier.py --data bundled [--quick] [--threads 1] [--clock cpu] [--seeds 1]
                                   [--steps 1000] [--levels 8 16 32] [--lr X] [--out ...] [--png ...]
@@ -64,7 +75,18 @@ RECIPES = {
 DATA = dict(activation_dim=64, n_roots=32, branching=3, depth=2, n_independent=64, mean_active_top=4.0,
             correlation_rank=4, correlation_strength=0.3, batch_size=1024)
 DICT_SIZE = 512
+NARROW_DATA = dict(activation_dim=64, n_roots=16, branching=4, depth=3, n_independent=16, mean_active_top=3.0,
+                   zipf_exponent=0.5, min_firing_probability=5e-4, max_firing_probability=0.4, correlation_rank=4,
+                   correlation_strength=0.1, magnitude_mean_min=4.0, magnitude_mean_max=5.0,
+                   child_magnitude_relative=False, batch_size=1024)
+NARROW_DICT_SIZE = 344
+SYNTHETIC_PRESETS = {"synthetic": (DATA, DICT_SIZE), "narrow": (NARROW_DATA, NARROW_DICT_SIZE)}  # --data: (stream, F)
 METRICS = ("l0", "explained_variance", "mcc", "f1", "precision", "recall", "uniqueness", "dead_latents")
+
+
+def matryoshka_group_sizes(dict_size: int) -> list[int]:
+    """Nested groups of 1/8, 1/4 and the rest of the dictionary ([64, 128, 320] at F = 512)."""
+    return [dict_size // 8, dict_size // 4, dict_size - dict_size // 8 - dict_size // 4]
 
 
 def recipe_config(name: str, level: int, steps: int, seed: int, activation_dim: int = DATA["activation_dim"],
@@ -72,7 +94,7 @@ def recipe_config(name: str, level: int, steps: int, seed: int, activation_dim: 
     config = {"trainer": name, "activation_dim": activation_dim, "dict_size": dict_size, "seed": seed}
     config[RECIPES[name]] = level
     if name == "MatryoshkaBatchTopKTrainer":
-        config["group_sizes"] = [dict_size // 8, dict_size // 4, dict_size - dict_size // 8 - dict_size // 4]
+        config["group_sizes"] = matryoshka_group_sizes(dict_size)
     if name in ("TopKTrainer", "BatchTopKTrainer", "MatryoshkaBatchTopKTrainer"):
         config["threshold_start_step"] = steps // 2
     if name in ("StandardTrainer", "GatedSAETrainer", "PAnnealTrainer", "GatedAnnealTrainer"):
@@ -80,28 +102,30 @@ def recipe_config(name: str, level: int, steps: int, seed: int, activation_dim: 
     return config
 
 
-def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int, overrides: dict | None = None) -> dict:
-    """Trains recipe `name` at `level` (its config from `recipe_config`, with `overrides` on top) and
-    scores it on held-out samples."""
+def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int, overrides: dict | None = None,
+                    data: dict = DATA, dict_size: int = DICT_SIZE) -> dict:
+    """Trains recipe `name` at `level` on the stream `data` (its config from `recipe_config`, with
+    `overrides` on top) and scores it on held-out samples."""
     from dictionary_learning import HierarchicalActivations, ground_truth_scores, trainSAE
 
-    train = HierarchicalActivations(seed=0, stream_seed=1000 + seed, **DATA)
+    train = HierarchicalActivations(seed=0, stream_seed=1000 + seed, **data)
     start = _common.CLOCKS[_common._clock_name]()
-    config = {**recipe_config(name, level, steps, seed), **(overrides or {})}
+    config = {**recipe_config(name, level, steps, seed, data["activation_dim"], dict_size), **(overrides or {})}
     (dictionary,) = trainSAE((train.sample() for _ in range(steps)), trainer_configs=[config], steps=steps,
                              normalize_activations=True, progress=False)
     seconds = _common.CLOCKS[_common._clock_name]() - start
-    held_out = HierarchicalActivations(seed=0, stream_seed=99, **DATA)
+    held_out = HierarchicalActivations(seed=0, stream_seed=99, **data)
     return {**ground_truth_scores(dictionary, held_out, n_samples=n_eval), "seconds": seconds}
 
 
-def saelens_run(name: str, level: int, steps: int, seed: int, n_eval: int, threads: int, clock: str) -> dict:
+def saelens_run(name: str, level: int, steps: int, seed: int, n_eval: int, threads: int, clock: str, data: dict = DATA,
+                dict_size: int = DICT_SIZE) -> dict:
     """SAELens' trainer for recipe `name` on the same samples, in its own virtualenv (saelens_worker.py)."""
     if not SAELENS_PYTHON.exists():
         raise SystemExit(f"--saelens needs a virtualenv with sae-lens at {SAELENS_PYTHON.parent.parent} (python -m venv; "
                          "pip install -c <(echo torch==2.13.0) torch==2.13.0 sae-lens), or DL_SAELENS_VENV")
     config = {"recipe": name, "level": level, "seed": seed, "steps": steps, "n_eval": n_eval, "threads": threads,
-              "clock": clock, "dict_size": DICT_SIZE, "data": DATA}
+              "clock": clock, "dict_size": dict_size, "data": data}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
         json.dump(config, file)
     try:
@@ -219,8 +243,9 @@ def main_bundled(args) -> None:
 
 def main() -> None:
     parser = _common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--data", choices=("synthetic", "bundled"), default="synthetic",
-                        help="hierarchical synthetic ground truth (default), or the bundled model's activations")
+    parser.add_argument("--data", choices=(*SYNTHETIC_PRESETS, "bundled"), default="synthetic",
+                        help="hierarchical synthetic ground truth (default: 480 features, F = 512; narrow: 1,376 "
+                             "features, F = 344), or the bundled model's activations")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training batches (default 2000 synthetic, {BUNDLED_STEPS} bundled)")
@@ -243,12 +268,14 @@ def main() -> None:
     args.levels = args.levels or [4, 8, 16]
     n_eval = 4096 if args.quick else 32_768
     seeds = list(range(1 if args.quick else args.seeds))
+    data, dict_size = SYNTHETIC_PRESETS[args.data]
     runs, table = [], []
     for name in args.recipes:
         for level in args.levels:
             results = []
             for seed in seeds:
-                result = train_and_score(name, level, steps, seed, n_eval, None if args.lr is None else {"lr": args.lr})
+                result = train_and_score(name, level, steps, seed, n_eval, None if args.lr is None else {"lr": args.lr},
+                                         data, dict_size)
                 results.append(result)
                 runs.append({"recipe": name, "level": level, "seed": seed, **result})
                 print(f"  {name} {RECIPES[name]}={level} seed {seed}: "
@@ -260,7 +287,8 @@ def main() -> None:
                 if metric in ("mcc", "f1", "explained_variance"):
                     row[f"{metric} spread"] = max(values) - min(values)
             if args.saelens and name in SAELENS_RECIPES:
-                theirs = [saelens_run(name, level, steps, seed, n_eval, args.threads, args.clock) for seed in seeds]
+                theirs = [saelens_run(name, level, steps, seed, n_eval, args.threads, args.clock, data, dict_size)
+                          for seed in seeds]
                 runs.extend({"recipe": name, "level": level, "seed": seed, "library": "saelens", **result}
                             for seed, result in zip(seeds, theirs))
                 ok = [result for result in theirs if "error" not in result]
@@ -276,12 +304,13 @@ def main() -> None:
     if args.saelens:
         columns += ["SAELens l0", "SAELens explained_variance", "SAELens mcc", "SAELens f1", "note"]
     text = _common.print_table(table, columns, title=(
-        f"frontier on hierarchical synthetic data (F={DICT_SIZE}, {steps} steps x {DATA['batch_size']}, "
+        f"frontier on hierarchical synthetic data ({args.data}, F={dict_size}, {steps} steps x {data['batch_size']}, "
         f"{len(seeds)} seeds, {args.threads} threads, {args.clock} clock)"))
     if args.png:
         plot(table, args.png)
     _common.write_json(args.out, {"benchmark": "frontier", "machine": _common.machine_info(args.threads, args.clock),
-                                  "data": DATA, "dict_size": DICT_SIZE, "steps": steps, "seeds": seeds,
+                                  "data_preset": args.data, "data": data, "dict_size": dict_size, "steps": steps,
+                                  "seeds": seeds,
                                   **({} if args.lr is None else {"lr": args.lr}),
                                   "runs": runs, "table": table, "table_text": text, "finished": time.time()})
 

@@ -65,7 +65,8 @@ def main() -> None:
     elif field == "target_l0":  # only the quadratic mode (Gemma Scope 2's) aims at target_l0; "step" ignores it
         sae_config.update(target_l0=config["level"], jumprelu_sparsity_loss_mode="quadratic")
     if config["recipe"] == "MatryoshkaBatchTopKTrainer":
-        sae_config["matryoshka_widths"] = [64, 192, config["dict_size"]]
+        width = config["dict_size"]  # nested prefixes of 1/8 and 3/8 of it, as frontier.matryoshka_group_sizes
+        sae_config["matryoshka_widths"] = [width // 8, width // 8 + width // 4, width]
     torch.manual_seed(config["seed"])  # SAELens initialises from the global RNG
     sae = sae_lens.TrainingSAE.from_dict(getattr(sae_lens, class_name)(**sae_config).to_dict())
     train = HierarchicalActivations(seed=0, stream_seed=1000 + config["seed"], **config["data"])
