@@ -48,6 +48,7 @@ the CE increase with the dictionary spliced into the model on 32 held-out texts
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -152,7 +153,9 @@ def bundled_cache(model, split: str, n_tokens: int) -> Path:
     from dictionary_learning.bundled import stdlib_text_stream
     from dictionary_learning.cache import cache_activations
 
-    path = _common.CACHE_DIR / "frontier_bundled" / f"{split}_{BUNDLED['site']}_{BUNDLED['ctx_len']}_{n_tokens}"
+    checkout = hashlib.sha256(str(_common.REPO_ROOT).encode()).hexdigest()[:8]  # a cache records its model's path
+    path = (_common.CACHE_DIR / "frontier_bundled" / checkout
+            / f"{split}_{BUNDLED['site']}_{BUNDLED['ctx_len']}_{n_tokens}")
     cache_activations(stdlib_text_stream(split=split, repeat=split == "train"), model, BUNDLED["site"], path,
                       n_tokens, io=BUNDLED["io"], ctx_len=BUNDLED["ctx_len"], resume=path.exists(),
                       data_source=f"stdlib {split} split", progress=False)
