@@ -41,8 +41,11 @@ def main() -> None:
                         help="how many times the grid may grow past an edge that holds the best F1")
     parser.add_argument("--recipes", nargs="+", default=list(frontier.RECIPES))
     args = parser.parse_args()
-    if 1.0 not in args.lr_scales:
-        parser.error("--lr-scales must include 1 (the default the others are compared with)")
+    if 1.0 not in args.lr_scales or min(args.lr_scales) <= 0:
+        parser.error(f"--lr-scales must be positive and include 1 (the default the others are compared with), "
+                     f"got {args.lr_scales}")
+    if args.max_extend < 0 or args.seeds < 1:
+        parser.error(f"--max-extend must be >= 0 and --seeds >= 1, got {args.max_extend} and {args.seeds}")
     unknown = sorted(set(args.recipes) - set(frontier.RECIPES))
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {', '.join(frontier.RECIPES)}")
