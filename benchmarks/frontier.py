@@ -262,6 +262,8 @@ def main() -> None:
                         help="also train SAELens' trainers (TopK, BatchTopK, Matryoshka, JumpReLU, standard) on the "
                              "same samples in its own virtualenv, scored by the same function")
     args = parser.parse_args()
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
     _common.set_threads(args.threads)
     _common.set_clock(args.clock)
     _common.import_library()
