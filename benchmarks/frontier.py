@@ -163,18 +163,18 @@ def bundled_cache(model, split: str, n_tokens: int) -> Path:
 
 
 def bundled_train_and_score(name: str, level: int, steps: int, seed: int, train_path: Path,
-                            heldout: list, texts: list[str], model, lr: float | None = None) -> dict:
+                            heldout: list, texts: list[str], model, overrides: dict | None = None) -> dict:
     """Train recipe `name` on the cached train-split rows (seed s: every recipe reads the same rows in the same
     order), then score it on the held-out rows (L0, FVU, dead latents) and, spliced into the model, on the
-    held-out texts (CE recovered against zero ablation)."""
+    held-out texts (CE recovered against zero ablation). `overrides` go on top of `recipe_config`."""
     import torch
     from dictionary_learning import trainSAE
     from dictionary_learning.cache_reader import CachedActivations
     from dictionary_learning.evaluation import loss_recovered, tensor_metrics
 
     data = CachedActivations(train_path, batch_size=BUNDLED["batch_size"], seed=seed, epochs=None, dtype=torch.float32)
-    config = recipe_config(name, level, steps, seed, activation_dim=BUNDLED["activation_dim"],
-                           dict_size=BUNDLED_DICT_SIZE) | ({} if lr is None else {"lr": lr})
+    config = {**recipe_config(name, level, steps, seed, BUNDLED["activation_dim"], BUNDLED_DICT_SIZE),
+              **(overrides or {})}
     start = _common.CLOCKS[_common._clock_name]()
     (dictionary,) = trainSAE(data, trainer_configs=[config], steps=steps, normalize_activations=True, progress=False)
     seconds = _common.CLOCKS[_common._clock_name]() - start
@@ -188,7 +188,7 @@ def bundled_train_and_score(name: str, level: int, steps: int, seed: int, train_
             "dead_latents": round(BUNDLED_DICT_SIZE * (1 - metrics["frac_alive"])), "seconds": seconds}
 
 
-def main_bundled(args) -> None:
+def main_bundled(args, overrides: dict | None) -> None:
     """The frontier on the bundled model (`--data bundled`): see the module docstring."""
     import itertools
 
@@ -214,7 +214,7 @@ def main_bundled(args) -> None:
         for level in levels:
             results = []
             for seed in seeds:
-                result = bundled_train_and_score(name, level, steps, seed, train_path, heldout, texts, model, args.lr)
+                result = bundled_train_and_score(name, level, steps, seed, train_path, heldout, texts, model, overrides)
                 results.append(result)
                 runs.append({"recipe": name, "level": level, "seed": seed, **result})
                 print(f"  {name} {RECIPES[name]}={level} seed {seed}: "
@@ -264,11 +264,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1) or min(args.levels or [1]) < 1:
+        parser.error(f"--seeds, --steps and --levels must be positive, got {args.seeds}, {args.steps}, {args.levels}")
+    unknown = sorted(set(args.recipes) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    overrides = None if args.lr is None else {"lr": args.lr}
     _common.set_threads(args.threads)
     _common.set_clock(args.clock)
     _common.import_library()
     if args.data == "bundled":
-        return main_bundled(args)
+        return main_bundled(args, overrides)
     steps = 200 if args.quick else args.steps or 2000
     args.levels = args.levels or [4, 8, 16]
     n_eval = 4096 if args.quick else 32_768
@@ -279,8 +285,7 @@ def main() -> None:
         for level in args.levels:
             results = []
             for seed in seeds:
-                result = train_and_score(name, level, steps, seed, n_eval, None if args.lr is None else {"lr": args.lr},
-                                         data, dict_size)
+                result = train_and_score(name, level, steps, seed, n_eval, overrides, data, dict_size)
                 results.append(result)
                 runs.append({"recipe": name, "level": level, "seed": seed, **result})
                 print(f"  {name} {RECIPES[name]}={level} seed {seed}: "

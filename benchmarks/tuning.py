@@ -44,8 +44,9 @@ def main() -> None:
     if 1.0 not in args.lr_scales or min(args.lr_scales) <= 0:
         parser.error(f"--lr-scales must be positive and include 1 (the default the others are compared with), "
                      f"got {args.lr_scales}")
-    if args.max_extend < 0 or args.seeds < 1:
-        parser.error(f"--max-extend must be >= 0 and --seeds >= 1, got {args.max_extend} and {args.seeds}")
+    if args.max_extend < 0 or args.seeds < 1 or args.steps < 1 or args.level < 1:
+        parser.error(f"--max-extend must be >= 0 and --seeds, --steps, --level >= 1, got {args.max_extend}, "
+                     f"{args.seeds}, {args.steps}, {args.level}")
     unknown = sorted(set(args.recipes) - set(frontier.RECIPES))
     if unknown:
         parser.error(f"unknown recipe(s) {unknown}; choose from {', '.join(frontier.RECIPES)}")
