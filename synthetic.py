@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -412,6 +413,9 @@ def chance_max_cosine_similarity(
 # ---------------------------------------------------------------------------------------------
 
 
+CHILD_FIRING_RULES = ("pick_one", "own_probability")
+
+
 @dataclass
 class HierarchicalConfig:
     """Parameters of a hierarchical synthetic stream (`HierarchicalActivations`).
@@ -440,9 +444,16 @@ class HierarchicalConfig:
     interleaved, so both kinds span the range)."""
     min_firing_probability: float = 1e-3
     max_firing_probability: float = 0.4
+    child_firing: str = "pick_one"
+    """how an active node's children fire (at most one of them: they are mutually exclusive).
+    "pick_one": the node activates one child, chosen uniformly, with probability
+    `child_probability`. "own_probability" (SynthSAEBench's rule): every child fires with its own
+    probability q_i when its parent is active, independently of its siblings, and where several
+    siblings fire one of them, chosen uniformly, keeps firing; q_i continues the top-level Zipf law
+    down the levels, q_i = c / (T + j + 1)^exponent for the j-th feature below the roots (in index
+    order; T top-level features, c the top-level law's scale), clipped to the firing range."""
     child_probability: float = 0.8
-    """probability that an active node activates one of its children; the children are mutually
-    exclusive (at most one fires), chosen uniformly."""
+    """with child_firing="pick_one": probability that an active node activates one of its children."""
     correlation_rank: int = 4
     """rank of the shared factors that correlate the top-level features' firing (0: independent)."""
     correlation_strength: float = 0.3
@@ -472,6 +483,9 @@ class HierarchicalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"HierarchicalConfig.{name} must be an int >= 0, got {value!r}.")
+        if self.child_firing not in CHILD_FIRING_RULES:
+            raise ValueError(f"HierarchicalConfig.child_firing must be one of {CHILD_FIRING_RULES}, got "
+                             f"{self.child_firing!r}.")
         for name in ("child_probability", "correlation_strength"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"HierarchicalConfig.{name} must be in [0, 1], got {getattr(self, name)!r}.")
@@ -507,7 +521,8 @@ class HierarchicalActivations:
     z_i = √ρ (ε U)_i + √(1 − ρ) η_i falls below Φ⁻¹(p_i) (ε ~ N(0, I_r) shared by the sample,
     U [r, T] with unit-norm columns, η_i independent): each fires with probability p_i, and
     features loading on the same factors fire together. An active node activates at most one of
-    its children (with probability `child_probability`, uniformly among them), so children are
+    its children (`child_firing`: one chosen uniformly, with probability `child_probability`; or
+    each child by its own Zipfian probability, one of those that fired kept), so children are
     mutually exclusive and never fire without their parent. Magnitudes are |N(μ_i, (cv μ_i)²)|,
     a child's times its parent's. Directions d_i are unit-norm Gaussian in R^D.
 
@@ -530,6 +545,11 @@ class HierarchicalActivations:
         zipf = zipf_firing_probabilities(n_top, cfg.mean_active_top, cfg.zipf_exponent)
         order = torch.randperm(n_top, generator=g)
         self._top_probs = zipf[order].clamp(cfg.min_firing_probability, cfg.max_firing_probability)  # [T] float64
+        # own_probability: q_i = c / (T + j + 1)^s for the j-th feature below the roots, c the top law's scale
+        scale = zipf[-1].item() * n_top**cfg.zipf_exponent  # the last top-level p is never capped at 1
+        below_rank = n_top + torch.arange(sum(cfg.level_sizes[1:]), dtype=torch.float64)
+        self._child_probs = (scale * (below_rank + 1) ** -cfg.zipf_exponent).clamp(
+            cfg.min_firing_probability, cfg.max_firing_probability).float().to(self.device)  # [features below the roots]
         self._top_index = torch.cat([torch.arange(cfg.n_roots), sum(cfg.level_sizes) + torch.arange(cfg.n_independent)])
         log_min, log_max = math.log(cfg.magnitude_mean_min), math.log(cfg.magnitude_mean_max)
         self._magnitude_means = torch.exp(log_min + (log_max - log_min) * torch.rand(n, generator=g)).to(self.device)
@@ -558,12 +578,23 @@ class HierarchicalActivations:
 
     @property
     def expected_active(self) -> float:
-        """E[number of active features per sample] = Σ_top p_i (1 + c + ... + c^depth) over roots,
-        plus Σ p_i over independent features (c = child_probability)."""
+        """E[number of active features per sample] = Σ_i P(i active). A root or independent feature
+        is active with probability p_i; a child with its parent's probability times r_i, the chance
+        that it is the child kept: r_i = c/b with "pick_one" (b = branching, c = child_probability),
+        r_i = q_i E[1/(1 + K_i)] with "own_probability" (K_i the number of its siblings that fired)."""
         cfg = self.config
-        per_root = sum(cfg.child_probability**level for level in range(cfg.depth + 1))
-        roots = self._top_probs[self._top_index < cfg.n_roots].sum().item()
-        return roots * per_root + self._top_probs[self._top_index >= cfg.n_roots].sum().item()
+        roots = self._top_probs[self._top_index < cfg.n_roots].double()  # [n_roots], in index order
+        total = roots.sum().item() + self._top_probs[self._top_index >= cfg.n_roots].sum().item()
+        active, start = roots, 0  # P(active) of the current level's nodes; start: first index below the roots
+        for size in cfg.level_sizes[1:]:
+            if cfg.child_firing == "pick_one":
+                kept = torch.full((size,), cfg.child_probability / cfg.branching, dtype=torch.float64)
+            else:
+                kept = _kept_probabilities(self._child_probs[start : start + size].cpu().view(-1, cfg.branching)).flatten()
+            active = active.repeat_interleave(cfg.branching) * kept
+            total += active.sum().item()
+            start += size
+        return total
 
     def sample(self, batch_size: int | None = None, return_codes: bool = False):
         """One batch x [B, D] float32; with return_codes=True, (x, codes [B, n_features])."""
@@ -571,36 +602,42 @@ class HierarchicalActivations:
         batch_size = cfg.batch_size if batch_size is None else batch_size
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-        n_top = len(self._top_probs)
-        z = torch.randn(batch_size, n_top, generator=g, device=dev)  # [B, T]
+        z = torch.randn(batch_size, len(self._top_probs), generator=g, device=dev)  # [B, T]
         if cfg.correlation_rank > 0 and cfg.correlation_strength > 0:
             shared = torch.randn(batch_size, cfg.correlation_rank, generator=g, device=dev) @ self._factors
             z = math.sqrt(1 - cfg.correlation_strength) * z + math.sqrt(cfg.correlation_strength) * shared
         codes = torch.zeros(batch_size, cfg.n_features, device=dev)
-        codes[:, self._top_index.to(dev)] = (z < self._thresholds).float() * self._magnitudes(self._top_index, batch_size)
-        start = 0
-        for level, size in enumerate(cfg.level_sizes[:-1]):  # each level's nodes choose among their children
-            parent_codes = codes[:, start : start + size]  # [B, P]
-            chooses = torch.rand(batch_size, size, generator=g, device=dev) < cfg.child_probability
-            slot = torch.randint(cfg.branching, (batch_size, size), generator=g, device=dev)
-            picked = (parent_codes > 0) & chooses  # [B, P]
-            child_active = picked[:, :, None] & (slot[:, :, None] == torch.arange(cfg.branching, device=dev))  # [B, P, b]
-            child_start = start + size
-            child_index = torch.arange(child_start, child_start + size * cfg.branching)
-            magnitudes = self._magnitudes(child_index, batch_size).view(batch_size, size, cfg.branching)
+        rows, top = (z < self._thresholds).nonzero(as_tuple=True)  # the active top-level features, one entry each
+        features = self._top_index.to(dev)[top]
+        codes[rows, features] = self._magnitudes(features)
+        is_root = features < cfg.n_roots
+        rows, nodes = rows[is_root], features[is_root]  # the active nodes of the current level
+        level_start = 0
+        for size in cfg.level_sizes[:-1]:  # each active node passes to at most one child
+            first_child = level_start + size + (nodes - level_start) * cfg.branching  # [A]
+            if cfg.child_firing == "pick_one":
+                passes = torch.rand(len(nodes), generator=g, device=dev) < cfg.child_probability
+                slot = torch.randint(cfg.branching, (len(nodes),), generator=g, device=dev)
+            else:
+                children = first_child[:, None] + torch.arange(cfg.branching, device=dev)  # [A, b]
+                fired = torch.rand(children.shape, generator=g, device=dev) < self._child_probs[children - cfg.n_roots]
+                score = torch.rand(children.shape, generator=g, device=dev).masked_fill(~fired, -1.0)
+                passes, slot = fired.any(1), score.argmax(1)  # one of the siblings that fired, uniformly
+            rows, parents, nodes = rows[passes], nodes[passes], (first_child + slot)[passes]
+            magnitudes = self._magnitudes(nodes)
             if cfg.child_magnitude_relative:
-                magnitudes = magnitudes * parent_codes[:, :, None]
-            codes[:, child_start : child_start + size * cfg.branching] = (child_active * magnitudes).flatten(1)
-            start = child_start
+                magnitudes = magnitudes * codes[rows, parents]
+            codes[rows, nodes] = magnitudes
+            level_start += size
         x = codes @ self._features  # [B, D]
         if cfg.noise_std > 0:
             x = x + cfg.noise_std * torch.randn(x.shape, generator=g, device=dev)
         return (x, codes) if return_codes else x
 
-    def _magnitudes(self, index: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """|N(μ_i, (cv μ_i)²)| for the features `index`, [B, len(index)]."""
-        means = self._magnitude_means[index.to(self.device)]
-        noise = torch.randn(batch_size, len(index), generator=self.generator, device=self.device)
+    def _magnitudes(self, features: torch.Tensor) -> torch.Tensor:
+        """|N(μ_i, (cv μ_i)²)| for each entry of `features` (active feature indices) [A]."""
+        means = self._magnitude_means[features]
+        noise = torch.randn(len(features), generator=self.generator, device=self.device)
         return (means * (1 + self.config.magnitude_cv * noise)).abs()
 
     def __iter__(self):
@@ -608,6 +645,20 @@ class HierarchicalActivations:
 
     def __next__(self) -> torch.Tensor:
         return self.sample()
+
+
+def _kept_probabilities(q: torch.Tensor) -> torch.Tensor:
+    """For sibling groups whose members fire independently with probabilities q [P, b] and of which
+    one of those that fired is kept uniformly: P(member i kept) = q_i E[1/(1 + K_i)], K_i the
+    number of its siblings that fired. With the generating function E[t^K_i] = Π_{j≠i}(1 − q_j + q_j t),
+    E[1/(1 + K_i)] = ∫₀¹ E[t^K_i] dt, a polynomial of degree b − 1 in t, which Gauss–Legendre
+    quadrature with ⌈b/2⌉ nodes integrates exactly. [P, b] float64."""
+    q = q.double()
+    nodes, weights = np.polynomial.legendre.leggauss(q.shape[1] // 2 + 1)
+    t = torch.from_numpy((nodes + 1) / 2)  # nodes on [0, 1], weights halved below
+    factors = 1 - q[:, :, None] + q[:, :, None] * t  # [P, b, m], each > 0 for q < 1
+    others = factors.log().sum(1, keepdim=True) - factors.log()  # log Π_{j≠i}, [P, b, m]
+    return q * (others.exp() * torch.from_numpy(weights / 2)).sum(2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 field's metrics (MCC, per-latent F1, uniqueness, explained variance).
 
     python benchmarks/frontier.py [--quick] [--threads 1] [--clock cpu] [--seeds 2] [--steps 2000]
-                                  [--levels 4 8 16] [--data synthetic|narrow] [--out results/frontier.json]
+                                  [--levels 4 8 16] [--data synthetic|narrow|narrow-own] [--out results/frontier.json]
                                   [--png results/frontier.png]
 
 Data: `HierarchicalActivations` with D = 64, 32 trees of branching 3 and depth 2 plus 64 independent
@@ -13,7 +13,8 @@ dict_size and its sparsity target given (k for the TopK family, target_l0 for th
 trainers/base.py L0Controller; JumpReLU's target_l0 is its own penalty), `normalize_activations=True`
 and, for the L1 and Lp recipes whose default has none, a λ warmup of steps/10; everything else is the
 recipe's default (the LR warmup, JumpReLU's λ warmup and p-annealing's start scale with the run). Scores: `ground_truth_scores` on
-32,768 held-out samples of another stream of the same features. Reported per recipe and level: the
+32,768 held-out samples of another stream of the same features; `generation_share` is the fraction of
+the training time spent drawing the training batches. Reported per recipe and level: the
 mean over seeds and the spread (max − min). With --saelens, SAELens' trainers for the recipes both
 libraries have (benchmarks/saelens_worker.py, in SAELens' own virtualenv) train on the same samples in
 the same order (the worker regenerates the stream with this repository's synthetic.py) at the same
@@ -31,6 +32,11 @@ probability 0.8; 6.1 features active per sample on average; correlated top-level
 strength 0.1); magnitudes with means log-uniform in [4, 5], cv 0.25, a child's not scaled by its
 parent's; no noise (E‖x‖² ≈ 131). F = 344. Matryoshka's nested groups are 1/8, 1/4 and the rest of the
 dictionary at any width ([64, 128, 320] at F = 512, [43, 86, 215] at F = 344), in both libraries.
+
+--data narrow-own: the narrow preset with SynthSAEBench's rule for the children
+(`child_firing="own_probability"`): given its parent, each child fires with its own probability, the
+top-level Zipf law continued down the levels (0.05 for the first children, 0.008 for the last leaves),
+and one of the siblings that fired is kept; 3.25 features active per sample on average.
 
     python benchmarks/frontier.py --data bundled [--quick] [--threads 1] [--clock cpu] [--seeds 1]
                                   [--steps 1000] [--levels 8 16 32] [--lr X] [--out ...] [--png ...]
@@ -81,7 +87,9 @@ NARROW_DATA = dict(activation_dim=64, n_roots=16, branching=4, depth=3, n_indepe
                    correlation_strength=0.1, magnitude_mean_min=4.0, magnitude_mean_max=5.0,
                    child_magnitude_relative=False, batch_size=1024)
 NARROW_DICT_SIZE = 344
-SYNTHETIC_PRESETS = {"synthetic": (DATA, DICT_SIZE), "narrow": (NARROW_DATA, NARROW_DICT_SIZE)}  # --data: (stream, F)
+NARROW_OWN_DATA = {**NARROW_DATA, "child_firing": "own_probability"}
+SYNTHETIC_PRESETS = {"synthetic": (DATA, DICT_SIZE), "narrow": (NARROW_DATA, NARROW_DICT_SIZE),
+                     "narrow-own": (NARROW_OWN_DATA, NARROW_DICT_SIZE)}  # --data: (stream, F)
 METRICS = ("l0", "explained_variance", "mcc", "f1", "precision", "recall", "uniqueness", "dead_latents")
 
 
@@ -109,14 +117,26 @@ def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int, o
     `overrides` on top) and scores it on held-out samples."""
     from dictionary_learning import HierarchicalActivations, ground_truth_scores, trainSAE
 
+    clock = _common.CLOCKS[_common._clock_name]
     train = HierarchicalActivations(seed=0, stream_seed=1000 + seed, **data)
-    start = _common.CLOCKS[_common._clock_name]()
+    generation_seconds = 0.0
+
+    def batches():
+        nonlocal generation_seconds
+        for _ in range(steps):
+            start = clock()
+            x = train.sample()
+            generation_seconds += clock() - start
+            yield x
+
+    start = clock()
     config = {**recipe_config(name, level, steps, seed, data["activation_dim"], dict_size), **(overrides or {})}
-    (dictionary,) = trainSAE((train.sample() for _ in range(steps)), trainer_configs=[config], steps=steps,
-                             normalize_activations=True, progress=False)
-    seconds = _common.CLOCKS[_common._clock_name]() - start
+    (dictionary,) = trainSAE(batches(), trainer_configs=[config], steps=steps, normalize_activations=True,
+                             progress=False)
+    seconds = clock() - start
     held_out = HierarchicalActivations(seed=0, stream_seed=99, **data)
-    return {**ground_truth_scores(dictionary, held_out, n_samples=n_eval), "seconds": seconds}
+    return {**ground_truth_scores(dictionary, held_out, n_samples=n_eval), "seconds": seconds,
+            "generation_share": generation_seconds / seconds}
 
 
 def saelens_run(name: str, level: int, steps: int, seed: int, n_eval: int, threads: int, clock: str, data: dict = DATA,
@@ -248,7 +268,8 @@ def main() -> None:
     parser = _common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--data", choices=(*SYNTHETIC_PRESETS, "bundled"), default="synthetic",
                         help="hierarchical synthetic ground truth (default: 480 features, F = 512; narrow: 1,376 "
-                             "features, F = 344), or the bundled model's activations")
+                             "features, F = 344; narrow-own: the same with SynthSAEBench's child firing), or the "
+                             "bundled model's activations")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None,
                         help=f"training batches (default 2000 synthetic, {BUNDLED_STEPS} bundled)")
@@ -291,7 +312,7 @@ def main() -> None:
                 print(f"  {name} {RECIPES[name]}={level} seed {seed}: "
                       + ", ".join(f"{m} {_common.fmt(result[m])}" for m in METRICS), flush=True)
             row = {"recipe": name, "target": f"{RECIPES[name]}={level}"}
-            for metric in METRICS:
+            for metric in (*METRICS, "generation_share"):
                 values = [r[metric] for r in results]
                 row[metric] = statistics.mean(values)
                 if metric in ("mcc", "f1", "explained_variance"):
@@ -310,7 +331,7 @@ def main() -> None:
                                                        if k.startswith("SAELens")), flush=True)
             table.append(row)
     columns = ["recipe", "target", "l0", "explained_variance", "explained_variance spread", "mcc", "mcc spread", "f1",
-               "f1 spread", "precision", "recall", "uniqueness", "dead_latents"]
+               "f1 spread", "precision", "recall", "uniqueness", "dead_latents", "generation_share"]
     if args.saelens:
         columns += ["SAELens l0", "SAELens explained_variance", "SAELens mcc", "SAELens f1", "note"]
     text = _common.print_table(table, columns, title=(

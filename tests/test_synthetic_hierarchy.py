@@ -1,5 +1,7 @@
 """Hierarchical synthetic ground truth (HierarchicalActivations) and the field's metrics
 (mean_correlation_coefficient, ground_truth_scores) on hand-checkable cases."""
+import itertools
+
 import pytest
 import torch
 
@@ -11,22 +13,42 @@ from dictionary_learning.synthetic import (
     ground_truth_scores,
     mean_correlation_coefficient,
 )
+from dictionary_learning.synthetic import _kept_probabilities
 
 
-def test_children_fire_only_with_their_parent_and_exclusively():
+@pytest.mark.parametrize("child_firing", ["pick_one", "own_probability"])
+def test_children_fire_only_with_their_parent_and_exclusively(child_firing):
     stream = HierarchicalActivations(n_roots=8, branching=3, depth=2, n_independent=4, mean_active_top=3,
-                                     batch_size=8192, seed=1)
+                                     zipf_exponent=0.3, child_firing=child_firing, batch_size=40_000, seed=1)
     _, codes = stream.sample(return_codes=True)
     active = codes > 0
     parents = stream.parents
     children = (parents >= 0).nonzero().squeeze(1)
+    assert active[:, children].any(0).all()  # every child fires at some point
     assert bool((~active[:, children] | active[:, parents[children]]).all())  # never without the parent
     for node in parents[children].unique():  # at most one child per active node
         assert int(active[:, (parents == node).nonzero().squeeze(1)].sum(1).max()) <= 1
-    # an active node activates a child with probability child_probability (0.8)
-    with_children = parents[children].unique()
-    rate = active[:, children].sum() / active[:, with_children].sum()
-    assert abs(float(rate) - 0.8) < 0.03
+    # each child fires, given its parent, with probability c/b (pick_one) or q_i E[1/(1 + K_i)]
+    given_parent = active[:, children].sum(0) / active[:, parents[children]].sum(0)
+    if child_firing == "pick_one":
+        expected = torch.full_like(given_parent, 0.8 / 3)
+    else:
+        expected = _kept_probabilities(stream._child_probs.view(-1, 3)).flatten().float()
+        assert (expected < 0.95 * stream._child_probs).all()  # siblings compete: below q_i
+    assert torch.allclose(given_parent, expected, atol=0.03)
+
+
+def test_kept_probabilities_match_enumerating_the_sibling_outcomes():
+    """P(sibling i kept) when siblings fire independently with q and one of those fired is kept
+    uniformly, against the sum over all 2^b firing patterns."""
+    q = torch.rand(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = torch.zeros_like(q)
+    for pattern in itertools.product([False, True], repeat=5):
+        fired = torch.tensor(pattern)
+        if fired.any():
+            chance = torch.where(fired, q, 1 - q).prod(1, keepdim=True)  # [6, 1]
+            exact += chance * fired / fired.sum()
+    assert torch.allclose(_kept_probabilities(q), exact, atol=1e-12)
 
 
 def test_child_magnitudes_are_relative_to_the_parents():
@@ -59,8 +81,9 @@ def test_top_level_features_fire_at_their_probabilities_and_correlate_through_th
     assert off_diagonal_correlation(correlated) > 3 * off_diagonal_correlation(independent)
 
 
-def test_expected_active_matches_the_samples_and_the_stream_is_deterministic():
-    stream = HierarchicalActivations(batch_size=40_000, correlation_rank=0)
+@pytest.mark.parametrize("child_firing", ["pick_one", "own_probability"])
+def test_expected_active_matches_the_samples_and_the_stream_is_deterministic(child_firing):
+    stream = HierarchicalActivations(batch_size=40_000, correlation_rank=0, child_firing=child_firing)
     _, codes = stream.sample(return_codes=True)
     assert abs((codes > 0).sum(1).double().mean().item() - stream.expected_active) < 0.05
     torch.manual_seed(0)
@@ -74,6 +97,7 @@ def test_expected_active_matches_the_samples_and_the_stream_is_deterministic():
 @pytest.mark.parametrize("overrides, message", [
     ({"n_roots": 0}, "n_roots must be a positive int"),
     ({"child_probability": 1.5}, "child_probability must be in"),
+    ({"child_firing": "zipf"}, "child_firing must be one of"),
     ({"min_firing_probability": 0.5, "max_firing_probability": 0.1}, "min_firing_probability"),
     ({"mean_active_top": 1000}, "mean_active_top must be in"),
 ])
