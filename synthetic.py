@@ -441,19 +441,26 @@ class HierarchicalConfig:
     the firing probabilities are clipped to [min_firing_probability, max_firing_probability]."""
     zipf_exponent: float = 1.0
     """top-level firing probabilities p_i ∝ 1/(i+1)^exponent (over roots and independent features
-    interleaved, so both kinds span the range)."""
+    interleaved, so both kinds span the range; with child_firing="own_probability", over all
+    features in index order)."""
     min_firing_probability: float = 1e-3
     max_firing_probability: float = 0.4
     child_firing: str = "pick_one"
     """how an active node's children fire (at most one of them: they are mutually exclusive).
     "pick_one": the node activates one child, chosen uniformly, with probability
-    `child_probability`. "own_probability" (SynthSAEBench's rule): every child fires with its own
-    probability q_i when its parent is active, independently of its siblings, and where several
-    siblings fire one of them, chosen uniformly, keeps firing; q_i continues the top-level Zipf law
-    down the levels, q_i = c / (T + j + 1)^exponent for the j-th feature below the roots (in index
-    order; T top-level features, c the top-level law's scale), clipped to the firing range."""
+    `child_probability`. "own_probability" (SynthSAEBench's rule, with its compensated
+    probabilities): one Zipf law over all features in index order (the roots, then the levels
+    below, the independent features last), p_i = c / (i + 1)^exponent clipped to the firing range,
+    c set by `mean_active_top`; every child fires with probability q_i when its parent is active,
+    independently of its siblings, and where several siblings fire one of them, chosen uniformly,
+    keeps firing. The q_i are set so that each child fires, overall, with its p_i; where a parent
+    fires too rarely for its children's p (they share at most its firings), q_i stops at 1 and
+    the child fires less."""
     child_probability: float = 0.8
     """with child_firing="pick_one": probability that an active node activates one of its children."""
+    compensate_child_probabilities: bool = True
+    """with child_firing="own_probability": q_i such that each child fires overall with its p_i (as
+    SynthSAEBench); False: q_i = p_i, so a child fires overall with P(parent) · p_i or less."""
     correlation_rank: int = 4
     """rank of the shared factors that correlate the top-level features' firing (0: independent)."""
     correlation_strength: float = 0.3
@@ -545,11 +552,15 @@ class HierarchicalActivations:
         zipf = zipf_firing_probabilities(n_top, cfg.mean_active_top, cfg.zipf_exponent)
         order = torch.randperm(n_top, generator=g)
         self._top_probs = zipf[order].clamp(cfg.min_firing_probability, cfg.max_firing_probability)  # [T] float64
-        # own_probability: q_i = c / (T + j + 1)^s for the j-th feature below the roots, c the top law's scale
-        scale = zipf[-1].item() * n_top**cfg.zipf_exponent  # the last top-level p is never capped at 1
-        below_rank = n_top + torch.arange(sum(cfg.level_sizes[1:]), dtype=torch.float64)
-        self._child_probs = (scale * (below_rank + 1) ** -cfg.zipf_exponent).clamp(
-            cfg.min_firing_probability, cfg.max_firing_probability).float().to(self.device)  # [features below the roots]
+        if cfg.child_firing == "own_probability":  # one Zipf law over all features, in index order
+            n_tree = sum(cfg.level_sizes)
+            weights = (torch.arange(n, dtype=torch.float64) + 1) ** -cfg.zipf_exponent
+            top_rank = torch.cat([torch.arange(cfg.n_roots), n_tree + torch.arange(cfg.n_independent)])
+            zipf_all = (weights * cfg.mean_active_top / weights[top_rank].sum()).clamp(
+                cfg.min_firing_probability, cfg.max_firing_probability)
+            self._top_probs = zipf_all[top_rank]
+        self._child_probs = (self._conditional_child_probabilities(zipf_all[cfg.n_roots : n_tree]).float().to(self.device)
+                             if cfg.child_firing == "own_probability" else None)  # [features below the roots]
         self._top_index = torch.cat([torch.arange(cfg.n_roots), sum(cfg.level_sizes) + torch.arange(cfg.n_independent)])
         log_min, log_max = math.log(cfg.magnitude_mean_min), math.log(cfg.magnitude_mean_max)
         self._magnitude_means = torch.exp(log_min + (log_max - log_min) * torch.rand(n, generator=g)).to(self.device)
@@ -558,6 +569,31 @@ class HierarchicalActivations:
         self._thresholds = torch.special.ndtri(self._top_probs).float().to(self.device)  # Φ⁻¹(p) [T]
         stream_seed = cfg.seed if cfg.stream_seed is None else cfg.stream_seed
         self.generator = torch.Generator(device=self.device).manual_seed(stream_seed)
+
+    def _conditional_child_probabilities(self, marginal: torch.Tensor) -> torch.Tensor:
+        """child_firing="own_probability": each child's probability of firing given its parent, q_i,
+        such that its overall probability P(parent) · q_i E[1/(1 + K_i)] (K_i: its siblings that
+        fired) equals its Zipfian p_i (`marginal`, the features below the roots in index order): the
+        fixed point of q ← min(1, p / (P(parent) E[1/(1 + K)])) from q = p / P(parent), level by level
+        (q only grows, so it converges or stops at 1). [features below the roots] float64."""
+        cfg = self.config
+        if not cfg.compensate_child_probabilities:
+            return marginal.clone()
+        parent_active = self._top_probs[: cfg.n_roots].double()  # the roots' probabilities, in index order
+        conditional, start = [], 0
+        for size in cfg.level_sizes[1:]:
+            target = marginal[start : start + size].view(-1, cfg.branching) / parent_active[:, None]  # [P, b]
+            q = target.clamp(max=1.0)
+            for _ in range(200):
+                q_next = (target / _share_if_fired(q)).clamp(max=1.0)
+                converged = bool(((q_next - q).abs() < 1e-12).all())
+                q = q_next
+                if converged:
+                    break
+            conditional.append(q.flatten())
+            parent_active = (parent_active[:, None] * q * _share_if_fired(q)).flatten()
+            start += size
+        return torch.cat(conditional) if conditional else torch.zeros(0, dtype=torch.float64)
 
     @property
     def true_features(self) -> torch.Tensor:
@@ -577,24 +613,28 @@ class HierarchicalActivations:
         return torch.cat(parents)
 
     @property
-    def expected_active(self) -> float:
-        """E[number of active features per sample] = Σ_i P(i active). A root or independent feature
+    def firing_probabilities(self) -> torch.Tensor:
+        """P(feature i active) for every feature, [n_features] float64. A root or independent feature
         is active with probability p_i; a child with its parent's probability times r_i, the chance
         that it is the child kept: r_i = c/b with "pick_one" (b = branching, c = child_probability),
         r_i = q_i E[1/(1 + K_i)] with "own_probability" (K_i the number of its siblings that fired)."""
         cfg = self.config
-        roots = self._top_probs[self._top_index < cfg.n_roots].double()  # [n_roots], in index order
-        total = roots.sum().item() + self._top_probs[self._top_index >= cfg.n_roots].sum().item()
-        active, start = roots, 0  # P(active) of the current level's nodes; start: first index below the roots
+        active = self._top_probs[self._top_index < cfg.n_roots].double()  # the roots, in index order
+        levels, start = [active], 0  # start: first index below the roots of the current level
         for size in cfg.level_sizes[1:]:
             if cfg.child_firing == "pick_one":
                 kept = torch.full((size,), cfg.child_probability / cfg.branching, dtype=torch.float64)
             else:
                 kept = _kept_probabilities(self._child_probs[start : start + size].cpu().view(-1, cfg.branching)).flatten()
             active = active.repeat_interleave(cfg.branching) * kept
-            total += active.sum().item()
+            levels.append(active)
             start += size
-        return total
+        return torch.cat([*levels, self._top_probs[self._top_index >= cfg.n_roots].double()])
+
+    @property
+    def expected_active(self) -> float:
+        """E[number of active features per sample] = Σ_i P(i active) (`firing_probabilities`)."""
+        return self.firing_probabilities.sum().item()
 
     def sample(self, batch_size: int | None = None, return_codes: bool = False):
         """One batch x [B, D] float32; with return_codes=True, (x, codes [B, n_features])."""
@@ -647,18 +687,23 @@ class HierarchicalActivations:
         return self.sample()
 
 
-def _kept_probabilities(q: torch.Tensor) -> torch.Tensor:
+def _share_if_fired(q: torch.Tensor) -> torch.Tensor:
     """For sibling groups whose members fire independently with probabilities q [P, b] and of which
-    one of those that fired is kept uniformly: P(member i kept) = q_i E[1/(1 + K_i)], K_i the
-    number of its siblings that fired. With the generating function E[t^K_i] = Π_{j≠i}(1 − q_j + q_j t),
-    E[1/(1 + K_i)] = ∫₀¹ E[t^K_i] dt, a polynomial of degree b − 1 in t, which Gauss–Legendre
-    quadrature with ⌈b/2⌉ nodes integrates exactly. [P, b] float64."""
+    one of those that fired is kept uniformly: E[1/(1 + K_i)], K_i the number of member i's siblings
+    that fired, so that P(i kept) = q_i E[1/(1 + K_i)]. With the generating function
+    E[t^K_i] = Π_{j≠i}(1 − q_j + q_j t), E[1/(1 + K_i)] = ∫₀¹ E[t^K_i] dt, a polynomial of degree
+    b − 1 in t, which Gauss–Legendre quadrature with ⌈b/2⌉ nodes integrates exactly. [P, b] float64."""
     q = q.double()
     nodes, weights = np.polynomial.legendre.leggauss(q.shape[1] // 2 + 1)
-    t = torch.from_numpy((nodes + 1) / 2)  # nodes on [0, 1], weights halved below
-    factors = 1 - q[:, :, None] + q[:, :, None] * t  # [P, b, m], each > 0 for q < 1
-    others = factors.log().sum(1, keepdim=True) - factors.log()  # log Π_{j≠i}, [P, b, m]
-    return q * (others.exp() * torch.from_numpy(weights / 2)).sum(2)
+    t = torch.from_numpy((nodes + 1) / 2)  # nodes on [0, 1] (never 0: every factor > 0), weights halved below
+    log_factors = (1 - q[:, :, None] + q[:, :, None] * t).log()  # [P, b, m]
+    others = log_factors.sum(1, keepdim=True) - log_factors  # log Π_{j≠i}, [P, b, m]
+    return (others.exp() * torch.from_numpy(weights / 2)).sum(2)
+
+
+def _kept_probabilities(q: torch.Tensor) -> torch.Tensor:
+    """P(member i kept) = q_i E[1/(1 + K_i)] for sibling groups firing with q [P, b] (`_share_if_fired`)."""
+    return q.double() * _share_if_fired(q)
 
 
 # ---------------------------------------------------------------------------------------------

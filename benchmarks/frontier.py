@@ -33,10 +33,14 @@ strength 0.1); magnitudes with means log-uniform in [4, 5], cv 0.25, a child's n
 parent's; no noise (E‖x‖² ≈ 131). F = 344. Matryoshka's nested groups are 1/8, 1/4 and the rest of the
 dictionary at any width ([64, 128, 320] at F = 512, [43, 86, 215] at F = 344), in both libraries.
 
---data narrow-own: the narrow preset with SynthSAEBench's rule for the children
-(`child_firing="own_probability"`): given its parent, each child fires with its own probability, the
-top-level Zipf law continued down the levels (0.05 for the first children, 0.008 for the last leaves),
-and one of the siblings that fired is kept; 3.25 features active per sample on average.
+--data narrow-own: the narrow preset's trees with SynthSAEBench-16k's firing rule
+(`child_firing="own_probability"`, compensated): one Zipf law (exponent 0.5, clipped to [5e-4, 0.4])
+over all features in index order, the roots first and the independent features last, scaled so that
+1.5 top-level features fire per sample; each child fires given its parent with the probability that
+makes it fire overall at its own Zipf probability where its parent fires often enough, and where
+several siblings fire one of them is kept. The roots fire at 0.05–0.21, the independent features at
+0.006; below a root nearly every child's probability stops at 1 (an active node passes to one child),
+except under the most frequent root; 5.7 features active per sample on average.
 
     python benchmarks/frontier.py --data bundled [--quick] [--threads 1] [--clock cpu] [--seeds 1]
                                   [--steps 1000] [--levels 8 16 32] [--lr X] [--out ...] [--png ...]
@@ -87,7 +91,7 @@ NARROW_DATA = dict(activation_dim=64, n_roots=16, branching=4, depth=3, n_indepe
                    correlation_strength=0.1, magnitude_mean_min=4.0, magnitude_mean_max=5.0,
                    child_magnitude_relative=False, batch_size=1024)
 NARROW_DICT_SIZE = 344
-NARROW_OWN_DATA = {**NARROW_DATA, "child_firing": "own_probability"}
+NARROW_OWN_DATA = {**NARROW_DATA, "child_firing": "own_probability", "mean_active_top": 1.5}
 SYNTHETIC_PRESETS = {"synthetic": (DATA, DICT_SIZE), "narrow": (NARROW_DATA, NARROW_DICT_SIZE),
                      "narrow-own": (NARROW_OWN_DATA, NARROW_DICT_SIZE)}  # --data: (stream, F)
 METRICS = ("l0", "explained_variance", "mcc", "f1", "precision", "recall", "uniqueness", "dead_latents")

@@ -38,6 +38,32 @@ def test_children_fire_only_with_their_parent_and_exclusively(child_firing):
     assert torch.allclose(given_parent, expected, atol=0.03)
 
 
+@pytest.mark.parametrize("compensate", [True, False])
+def test_own_probability_children_fire_at_their_zipf_probability(compensate):
+    """One Zipf law over all features in index order; compensated, a child fires overall with its
+    p_i wherever its parent fires often enough (q_i < 1), and less where q_i stops at 1;
+    uncompensated, q_i = p_i."""
+    stream = HierarchicalActivations(n_roots=6, branching=3, depth=2, n_independent=30, mean_active_top=2,
+                                     zipf_exponent=0.9, min_firing_probability=1e-3, correlation_rank=0,
+                                     child_firing="own_probability", compensate_child_probabilities=compensate,
+                                     batch_size=200_000, seed=4)
+    n = stream.config.n_features
+    zipf = torch.arange(1, n + 1, dtype=torch.float64) ** -0.9
+    top = torch.cat([torch.arange(6), n - 30 + torch.arange(30)])
+    zipf = (zipf * 2 / zipf[top].sum()).clamp(1e-3, 0.4)
+    assert torch.allclose(stream._top_probs, zipf[top])
+    _, codes = stream.sample(return_codes=True)
+    assert torch.allclose((codes > 0).double().mean(0), stream.firing_probabilities, rtol=0.1, atol=5e-4)
+    children, q = slice(6, n - 30), stream._child_probs.double()
+    if compensate:
+        free = q < 1
+        assert free.sum() >= 6 and (~free).sum() >= 6  # both cases occur in this tree
+        assert torch.allclose(stream.firing_probabilities[children][free], zipf[children][free], rtol=1e-6)
+        assert bool((stream.firing_probabilities[children][~free] < zipf[children][~free] * (1 + 1e-6)).all())
+    else:
+        assert torch.equal(q, zipf[children].float().double())
+
+
 def test_kept_probabilities_match_enumerating_the_sibling_outcomes():
     """P(sibling i kept) when siblings fire independently with q and one of those fired is kept
     uniformly, against the sum over all 2^b firing patterns."""
