@@ -716,13 +716,20 @@ def mean_correlation_coefficient(decoder_directions, true_features: torch.Tensor
     features (the Hungarian algorithm on 1 − |cos|; min(F, n_true) pairs). Needs scipy
     (`pip install dictionary_learning[metrics]`)."""
     similarity = _abs_cosines(decoder_directions, true_features)  # [F, n_true]
+    latents, features = _optimal_matching(similarity)
+    return similarity[latents, features].mean().item()
+
+
+def _optimal_matching(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-to-one matching of latents to true features that maximises Σ |cos| (the Hungarian
+    algorithm on 1 − |cos| [F, n_true]): (latent indices, feature indices), min(F, n_true) pairs."""
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:
         raise ImportError("mean_correlation_coefficient needs scipy: pip install 'dictionary_learning[metrics]' "
                           "(or pip install scipy)") from None
     rows, columns = linear_sum_assignment(1 - similarity.double().cpu().numpy())
-    return similarity[torch.as_tensor(rows), torch.as_tensor(columns)].mean().item()
+    return torch.as_tensor(rows), torch.as_tensor(columns)
 
 
 def _abs_cosines(decoder_directions, true_features: torch.Tensor) -> torch.Tensor:
@@ -736,6 +743,15 @@ def _abs_cosines(decoder_directions, true_features: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
+def _precision_recall_f1(true_positives: torch.Tensor, fired: torch.Tensor, active: torch.Tensor):
+    """Per-detector precision P = TP / fired, recall R = TP / active and F1 = 2PR / (P + R) from
+    counts (each 0 where undefined)."""
+    precision = torch.where(fired > 0, true_positives / fired.clamp_min(1), 0.0)
+    recall = torch.where(active > 0, true_positives / active.clamp_min(1), 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+    return precision, recall, f1
+
+
 def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size: int = 4096) -> dict[str, float]:
     """Score `dictionary` against the features of a synthetic `stream` (`SyntheticActivations` or
     `HierarchicalActivations`) on `n_samples` fresh samples of it:
@@ -744,7 +760,10 @@ def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size:
         uniqueness          #{distinct best-matching true features} / F   (1: no two latents share one)
         precision, recall, f1   per latent, as a detector of its best-matching true feature (|cos|),
                             from the counts of samples where it fires and the feature is active;
-                            averaged over latents (a latent that never fires scores 0)
+                            averaged over latents (a latent that never fires scores 0), as
+                            SynthSAEBench: several latents on one feature all count
+        matched_f1          the F1 of each latent against the feature MCC's one-to-one matching
+                            gives it, averaged over the min(F, n_true) pairs: duplicates score once
         explained_variance  1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²
         shrinkage           mean over samples with x ≠ 0 of ‖x̂‖ / ‖x‖
         l0, true_l0         mean active latents / true features per sample
@@ -755,8 +774,10 @@ def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size:
     decoder = dictionary_directions(dictionary)  # [F, D]
     similarity = _abs_cosines(decoder, stream.true_features)
     best = similarity.argmax(dim=1)  # [F] best-matching true feature of each latent
+    matched_latents, matched_features = _optimal_matching(similarity)  # [P], [P]
     n_latents = decoder.shape[0]
     counts = torch.zeros(3, n_latents, dtype=torch.float64)  # true positives, fired, feature active
+    matched_counts = torch.zeros(2, len(matched_latents), dtype=torch.float64)  # true positives, feature active
     shrinkage, nonzero, true_l0, done = 0.0, 0, 0.0, 0
     accumulator = MetricAccumulator(n_latents)
     parameter = next(dictionary.parameters(), None)
@@ -770,6 +791,8 @@ def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size:
         fires = (f > 0).cpu()
         active = (codes[:, best.to(codes.device)] > 0).cpu()
         counts += torch.stack([(fires & active).sum(0), fires.sum(0), active.sum(0)]).double()
+        matched_active = (codes[:, matched_features.to(codes.device)] > 0).cpu()  # [B, P]
+        matched_counts += torch.stack([(fires[:, matched_latents] & matched_active).sum(0), matched_active.sum(0)]).double()
         norms = x.norm(dim=-1)
         nonzero_rows = norms > 1e-6  # samples with no active feature have no shrinkage
         shrinkage += (x_hat.norm(dim=-1)[nonzero_rows] / norms[nonzero_rows]).sum().item()
@@ -777,9 +800,8 @@ def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size:
         true_l0 += (codes > 0).sum().item()
         done += size
     true_positives, fired, active = counts
-    precision = torch.where(fired > 0, true_positives / fired.clamp_min(1), 0.0)
-    recall = torch.where(active > 0, true_positives / active.clamp_min(1), 0.0)
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+    precision, recall, f1 = _precision_recall_f1(true_positives, fired, active)
+    *_, matched_f1 = _precision_recall_f1(matched_counts[0], fired[matched_latents], matched_counts[1])
     pooled = accumulator.compute()
     return {
         "mcc": mean_correlation_coefficient(decoder, stream.true_features),
@@ -787,6 +809,7 @@ def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size:
         "precision": precision.mean().item(),
         "recall": recall.mean().item(),
         "f1": f1.mean().item(),
+        "matched_f1": matched_f1.mean().item(),
         "explained_variance": pooled["frac_variance_explained"],
         "shrinkage": shrinkage / max(nonzero, 1),
         "l0": pooled["l0"],

@@ -94,7 +94,7 @@ NARROW_DICT_SIZE = 344
 NARROW_OWN_DATA = {**NARROW_DATA, "child_firing": "own_probability", "mean_active_top": 1.5}
 SYNTHETIC_PRESETS = {"synthetic": (DATA, DICT_SIZE), "narrow": (NARROW_DATA, NARROW_DICT_SIZE),
                      "narrow-own": (NARROW_OWN_DATA, NARROW_DICT_SIZE)}  # --data: (stream, F)
-METRICS = ("l0", "explained_variance", "mcc", "f1", "precision", "recall", "uniqueness", "dead_latents")
+METRICS = ("l0", "explained_variance", "mcc", "f1", "matched_f1", "precision", "recall", "uniqueness", "dead_latents")
 
 
 def matryoshka_group_sizes(dict_size: int) -> list[int]:
@@ -144,13 +144,14 @@ def train_and_score(name: str, level: int, steps: int, seed: int, n_eval: int, o
 
 
 def saelens_run(name: str, level: int, steps: int, seed: int, n_eval: int, threads: int, clock: str, data: dict = DATA,
-                dict_size: int = DICT_SIZE) -> dict:
-    """SAELens' trainer for recipe `name` on the same samples, in its own virtualenv (saelens_worker.py)."""
+                dict_size: int = DICT_SIZE, sae_config: dict | None = None) -> dict:
+    """SAELens' trainer for recipe `name` on the same samples, in its own virtualenv (saelens_worker.py);
+    `sae_config` overrides fields of SAELens' SAE config (e.g. {"l1_coefficient": 5.0})."""
     if not SAELENS_PYTHON.exists():
         raise SystemExit(f"--saelens needs a virtualenv with sae-lens at {SAELENS_PYTHON.parent.parent} (python -m venv; "
                          "pip install -c <(echo torch==2.13.0) torch==2.13.0 sae-lens), or DL_SAELENS_VENV")
     config = {"recipe": name, "level": level, "seed": seed, "steps": steps, "n_eval": n_eval, "threads": threads,
-              "clock": clock, "dict_size": dict_size, "data": data}
+              "clock": clock, "dict_size": dict_size, "data": data, "sae_config": sae_config or {}}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
         json.dump(config, file)
     try:
@@ -319,7 +320,7 @@ def main() -> None:
             for metric in (*METRICS, "generation_share"):
                 values = [r[metric] for r in results]
                 row[metric] = statistics.mean(values)
-                if metric in ("mcc", "f1", "explained_variance"):
+                if metric in ("mcc", "f1", "matched_f1", "explained_variance"):
                     row[f"{metric} spread"] = max(values) - min(values)
             if args.saelens and name in SAELENS_RECIPES:
                 theirs = [saelens_run(name, level, steps, seed, n_eval, args.threads, args.clock, data, dict_size)
@@ -327,7 +328,7 @@ def main() -> None:
                 runs.extend({"recipe": name, "level": level, "seed": seed, "library": "saelens", **result}
                             for seed, result in zip(seeds, theirs))
                 ok = [result for result in theirs if "error" not in result]
-                for metric in ("l0", "explained_variance", "mcc", "f1"):
+                for metric in ("l0", "explained_variance", "mcc", "f1", "matched_f1"):
                     row[f"SAELens {metric}"] = statistics.mean(r[metric] for r in ok) if ok else None
                 if len(ok) < len(theirs):
                     row["note"] = next(result["error"] for result in theirs if "error" in result)[:80]
@@ -335,9 +336,10 @@ def main() -> None:
                                                        if k.startswith("SAELens")), flush=True)
             table.append(row)
     columns = ["recipe", "target", "l0", "explained_variance", "explained_variance spread", "mcc", "mcc spread", "f1",
-               "f1 spread", "precision", "recall", "uniqueness", "dead_latents", "generation_share"]
+               "f1 spread", "matched_f1", "matched_f1 spread", "precision", "recall", "uniqueness", "dead_latents",
+               "generation_share"]
     if args.saelens:
-        columns += ["SAELens l0", "SAELens explained_variance", "SAELens mcc", "SAELens f1", "note"]
+        columns += ["SAELens l0", "SAELens explained_variance", "SAELens mcc", "SAELens f1", "SAELens matched_f1", "note"]
     text = _common.print_table(table, columns, title=(
         f"frontier on hierarchical synthetic data ({args.data}, F={dict_size}, {steps} steps x {data['batch_size']}, "
         f"{len(seeds)} seeds, {args.threads} threads, {args.clock} clock)"))

@@ -67,6 +67,7 @@ def main() -> None:
     if config["recipe"] == "MatryoshkaBatchTopKTrainer":
         width = config["dict_size"]  # nested prefixes of 1/8 and 3/8 of it, as frontier.matryoshka_group_sizes
         sae_config["matryoshka_widths"] = [width // 8, width // 8 + width // 4, width]
+    sae_config.update(config.get("sae_config", {}))  # e.g. l1_coefficient for the standard SAE
     torch.manual_seed(config["seed"])  # SAELens initialises from the global RNG
     sae = sae_lens.TrainingSAE.from_dict(getattr(sae_lens, class_name)(**sae_config).to_dict())
     train = HierarchicalActivations(seed=0, stream_seed=1000 + config["seed"], **config["data"])

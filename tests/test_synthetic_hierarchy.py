@@ -157,6 +157,7 @@ def test_the_true_features_score_perfectly_in_any_order_and_random_ones_do_not()
     perfect = exact_dictionary(stream.true_features)
     scores = ground_truth_scores(perfect, stream, n_samples=8192)
     assert scores["mcc"] == pytest.approx(1.0, abs=1e-6) and scores["f1"] == pytest.approx(1.0)
+    assert scores["matched_f1"] == pytest.approx(1.0)
     assert scores["precision"] == scores["recall"] == pytest.approx(1.0)
     assert scores["uniqueness"] == 1.0 and scores["explained_variance"] == pytest.approx(1.0, abs=1e-4)
     assert scores["shrinkage"] == pytest.approx(1.0, abs=1e-3) and scores["l0"] == pytest.approx(scores["true_l0"])
@@ -166,6 +167,17 @@ def test_the_true_features_score_perfectly_in_any_order_and_random_ones_do_not()
     random = AutoEncoder(32, 24, generator=torch.Generator().manual_seed(2))
     chance = ground_truth_scores(random, stream, n_samples=8192)
     assert chance["mcc"] < 0.5 and chance["f1"] < 0.5
+
+
+def test_duplicate_latents_raise_f1_but_not_matched_f1():
+    """A dictionary of 24 latents holding 12 true features twice each: every latent detects its
+    best-matching feature perfectly (f1 = 1), but the one-to-one matching gives each feature one
+    latent and the other 12 latents features they do not detect (F1 only from chance co-firing)."""
+    stream = orthonormal_stream()
+    duplicated = exact_dictionary(stream.true_features[torch.arange(24) % 12])
+    scores = ground_truth_scores(duplicated, stream, n_samples=8192)
+    assert scores["f1"] == pytest.approx(1.0) and scores["uniqueness"] == 0.5
+    assert 0.5 <= scores["matched_f1"] < 0.6
 
 
 def test_mcc_is_an_optimal_one_to_one_matching():
