@@ -646,12 +646,12 @@ class HierarchicalActivations:
         if cfg.correlation_rank > 0 and cfg.correlation_strength > 0:
             shared = torch.randn(batch_size, cfg.correlation_rank, generator=g, device=dev) @ self._factors
             z = math.sqrt(1 - cfg.correlation_strength) * z + math.sqrt(cfg.correlation_strength) * shared
-        codes = torch.zeros(batch_size, cfg.n_features, device=dev)
         rows, top = (z < self._thresholds).nonzero(as_tuple=True)  # the active top-level features, one entry each
         features = self._top_index.to(dev)[top]
-        codes[rows, features] = self._magnitudes(features)
+        values = self._magnitudes(features)
+        entries = [(rows, features, values)]  # (sample, feature, magnitude) of every active feature
         is_root = features < cfg.n_roots
-        rows, nodes = rows[is_root], features[is_root]  # the active nodes of the current level
+        rows, nodes, codes = rows[is_root], features[is_root], values[is_root]  # the current level's active nodes
         level_start = 0
         for size in cfg.level_sizes[:-1]:  # each active node passes to at most one child
             first_child = level_start + size + (nodes - level_start) * cfg.branching  # [A]
@@ -663,16 +663,19 @@ class HierarchicalActivations:
                 fired = torch.rand(children.shape, generator=g, device=dev) < self._child_probs[children - cfg.n_roots]
                 score = torch.rand(children.shape, generator=g, device=dev).masked_fill(~fired, -1.0)
                 passes, slot = fired.any(1), score.argmax(1)  # one of the siblings that fired, uniformly
-            rows, parents, nodes = rows[passes], nodes[passes], (first_child + slot)[passes]
-            magnitudes = self._magnitudes(nodes)
+            rows, parent_codes, nodes = rows[passes], codes[passes], (first_child + slot)[passes]
+            codes = self._magnitudes(nodes)
             if cfg.child_magnitude_relative:
-                magnitudes = magnitudes * codes[rows, parents]
-            codes[rows, nodes] = magnitudes
+                codes = codes * parent_codes
+            entries.append((rows, nodes, codes))
             level_start += size
-        x = codes @ self._features  # [B, D]
+        rows, features, values = (torch.cat(parts) for parts in zip(*entries))
+        x = _codes_times_features(rows, features, values, self._features, batch_size)  # [B, D]
         if cfg.noise_std > 0:
             x = x + cfg.noise_std * torch.randn(x.shape, generator=g, device=dev)
-        return (x, codes) if return_codes else x
+        if return_codes:
+            return x, _dense_codes(rows, features, values, batch_size, cfg.n_features)
+        return x
 
     def _magnitudes(self, features: torch.Tensor) -> torch.Tensor:
         """|N(μ_i, (cv μ_i)²)| for each entry of `features` (active feature indices) [A]."""
