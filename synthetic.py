@@ -490,6 +490,9 @@ class HierarchicalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"HierarchicalConfig.{name} must be an int >= 0, got {value!r}.")
+        if not isinstance(self.compensate_child_probabilities, bool):
+            raise ValueError("HierarchicalConfig.compensate_child_probabilities must be True or False, got "
+                             f"{self.compensate_child_probabilities!r}.")
         if self.child_firing not in CHILD_FIRING_RULES:
             raise ValueError(f"HierarchicalConfig.child_firing must be one of {CHILD_FIRING_RULES}, got "
                              f"{self.child_firing!r}.")
@@ -745,7 +748,6 @@ def _abs_cosines(decoder_directions, true_features: torch.Tensor) -> torch.Tenso
     return (learned @ true.T).abs()
 
 
-@torch.no_grad()
 def _precision_recall_f1(true_positives: torch.Tensor, fired: torch.Tensor, active: torch.Tensor):
     """Per-detector precision P = TP / fired, recall R = TP / active and F1 = 2PR / (P + R) from
     counts (each 0 where undefined)."""
@@ -755,6 +757,7 @@ def _precision_recall_f1(true_positives: torch.Tensor, fired: torch.Tensor, acti
     return precision, recall, f1
 
 
+@torch.no_grad()
 def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size: int = 4096) -> dict[str, float]:
     """Score `dictionary` against the features of a synthetic `stream` (`SyntheticActivations` or
     `HierarchicalActivations`) on `n_samples` fresh samples of it:
@@ -807,7 +810,7 @@ def ground_truth_scores(dictionary, stream, n_samples: int = 65_536, batch_size:
     *_, matched_f1 = _precision_recall_f1(matched_counts[0], fired[matched_latents], matched_counts[1])
     pooled = accumulator.compute()
     return {
-        "mcc": mean_correlation_coefficient(decoder, stream.true_features),
+        "mcc": similarity[matched_latents, matched_features].mean().item(),  # mean_correlation_coefficient
         "uniqueness": best.unique().numel() / n_latents,
         "precision": precision.mean().item(),
         "recall": recall.mean().item(),
