@@ -124,6 +124,7 @@ def test_expected_active_matches_the_samples_and_the_stream_is_deterministic(chi
     ({"n_roots": 0}, "n_roots must be a positive int"),
     ({"child_probability": 1.5}, "child_probability must be in"),
     ({"child_firing": "zipf"}, "child_firing must be one of"),
+    ({"compensate_child_probabilities": "yes"}, "compensate_child_probabilities must be True or False"),
     ({"min_firing_probability": 0.5, "max_firing_probability": 0.1}, "min_firing_probability"),
     ({"mean_active_top": 1000}, "mean_active_top must be in"),
 ])
