@@ -248,10 +248,12 @@ INITIALISATION_FIELDS = {"init_encoder_scale": 1.0}
 
 def _check_same_config(index: int, trainer: SAETrainer, saved: dict[str, Any]) -> None:
     """Raises unless the trainer's config is the saved one, up to the fields that cannot change a
-    resumed run (steps, device, a drawn seed, the initialisation); those are recorded as saved."""
+    resumed run (steps, device, a drawn seed, the initialisation, a default LR); those are recorded as saved."""
     current = trainer.config
     initialisation = {name: saved.get(name, old) for name, old in INITIALISATION_FIELDS.items() if name in current}
-    ignored = {"steps", "device"} | set(initialisation) | ({"seed"} if trainer.seed_was_drawn else set())
+    default_lr_kept = trainer.cfg.lr is None and "lr" in saved  # a default LR depends on steps, which may change
+    ignored = ({"steps", "device"} | set(initialisation) | ({"seed"} if trainer.seed_was_drawn else set())
+               | ({"lr"} if default_lr_kept else set()))
     differing = sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
     if differing:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing)
@@ -263,6 +265,8 @@ def _check_same_config(index: int, trainer: SAETrainer, saved: dict[str, Any]) -
         trainer.cfg.seed = saved["seed"]  # record the seed the run was started with
     for name, value in initialisation.items():
         setattr(trainer.cfg, name, value)  # and the initialisation
+    if default_lr_kept:
+        trainer.lr = saved["lr"]  # and the LR it was started with
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -402,7 +403,7 @@ MATRYOSHKA_GROUP_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 - (1 / 32 + 1 / 16
 # hyperparameters given to both libraries). Each side keeps only the keys its recipe accepts
 # (ours: the Config's fields; the reference: the __init__ arguments); the rest keep their defaults.
 # Learning rates are the reference's defaults, passed explicitly to both; TopK-family rates are
-# left to both libraries' 2e-4/sqrt(F/2^14) rule.
+# its 2e-4/sqrt(F/2^14) rule (trainer_kwargs).
 TRAINER_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "StandardTrainer": ("standard:StandardTrainer", {"lr": 1e-3, "l1_penalty": 0.1}),
     "StandardTrainerAprilUpdate": ("standard:StandardTrainerAprilUpdate", {"lr": 1e-3, "l1_penalty": 0.1}),
@@ -430,6 +431,8 @@ def trainer_kwargs(name: str, activation_dim: int, dict_size: int, steps: int, s
     _, extra = TRAINER_SPECS[name]
     kwargs = {"activation_dim": activation_dim, "dict_size": dict_size, "steps": steps, "seed": seed,
               "device": "cpu", **extra}
+    if name in TOPK_FAMILY:  # Gao et al.'s rate, the reference's default (ours scales it up for short runs)
+        kwargs["lr"] = 2e-4 / math.sqrt(dict_size / 2**14)
     kwargs.update(overrides or {})
     return kwargs
 

@@ -4,9 +4,13 @@ hierarchical synthetic ground truth reaches the target L0 and explains most of t
 decoder matches the true features better than the random dictionary it started from. Defaults that
 depend on the run's length (LR warmup, JumpReLU's λ warmup, p-annealing's start) are resolved into
 the recorded config; values the user gives are kept exactly."""
+import math
+
 import pytest
 
 from dictionary_learning import HierarchicalActivations, ground_truth_scores, trainSAE
+from dictionary_learning.runs import _check_same_config
+from dictionary_learning.trainers.base import run_length_lr_scale
 from dictionary_learning.training import build_trainer
 
 D, F, STEPS, TARGET = 32, 128, 1000, 4
@@ -62,3 +66,37 @@ def test_given_schedule_lengths_are_kept_exactly():
     with pytest.raises(ValueError, match="warmup_steps \\(1000\\) is longer than the run"):
         build_trainer({"trainer": "GatedSAETrainer", "activation_dim": 8, "dict_size": 16, "warmup_steps": 1000},
                       steps=500)
+
+
+def test_run_length_lr_scale_law():
+    assert run_length_lr_scale(None, 64) == 1.0  # length unknown: the published rate
+    assert run_length_lr_scale(2**16, 64) == 1.0  # steps · D = 2²²
+    assert run_length_lr_scale(10**6, 4096) == 1.0  # longer runs are never slowed down
+    assert run_length_lr_scale(2**14, 64) == pytest.approx(2.0)  # √(2²² / 2²⁰)
+    assert run_length_lr_scale(10, 8) == 8.0  # capped
+
+
+@pytest.mark.parametrize("name, long_run_lr, scaled", [
+    ("StandardTrainer", 1e-3, True), ("StandardTrainerAprilUpdate", 1e-3, True), ("PAnnealTrainer", 1e-3, True),
+    ("TopKTrainer", 2e-4 / math.sqrt(256 / 2**14), True), ("BatchTopKTrainer", 2e-4 / math.sqrt(256 / 2**14), True),
+    ("GatedSAETrainer", 1e-3, False), ("GatedAnnealTrainer", 1e-3, False), ("JumpReluTrainer", 2e-3, False),
+])
+def test_default_lr_is_the_long_run_one_scaled_to_the_run(name, long_run_lr, scaled):
+    config = {"trainer": name, "activation_dim": 64, "dict_size": 256, **({"k": 4} if "TopK" in name else {})}
+    short = build_trainer(config, steps=2**14)
+    assert short.lr == pytest.approx(long_run_lr * (2.0 if scaled else 1.0))
+    assert short.config["lr"] == short.lr  # recorded resolved
+    assert build_trainer(config, steps=2**20).lr == pytest.approx(long_run_lr)  # a long run: the published rate
+    assert build_trainer({**config, "lr": 3e-4}, steps=2**14).lr == 3e-4  # a given LR is kept exactly
+
+
+def test_resume_with_another_length_keeps_the_default_lr_it_started_with():
+    config = {"trainer": "StandardTrainer", "activation_dim": 64, "dict_size": 256, "seed": 0}
+    started = build_trainer(config, steps=2**14)
+    extended = build_trainer(config, steps=2**16)
+    assert extended.lr != started.lr
+    _check_same_config(0, extended, started.config)
+    assert extended.lr == started.lr
+    given = build_trainer({**config, "lr": 5e-4}, steps=2**16)
+    with pytest.raises(ValueError, match="lr: saved 0.002, now 0.0005"):
+        _check_same_config(0, given, started.config)

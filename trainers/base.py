@@ -109,6 +109,24 @@ def default_warmup_steps(steps: int | None) -> int:
     return WARMUP_STEPS if steps is None else min(WARMUP_STEPS, int(WARMUP_FRACTION * steps))
 
 
+RUN_LENGTH_REFERENCE = 2**22  # steps × activation_dim at which a recipe's paper LR is used as is
+RUN_LENGTH_MAX_LR_SCALE = 8.0
+
+
+def run_length_lr_scale(steps: int | None, activation_dim: int) -> float:
+    """The factor on a recipe's long-run LR for a run of `steps` batches on D-dimensional inputs:
+
+        s = min(8, max(1, √(2²² / (steps · D))))
+
+    Adam moves each weight by about the LR per step, and an encoder row has to travel a distance
+    that does not shrink with the run, so a run with fewer steps needs larger ones; the published
+    rates are tuned for runs of 10⁴–10⁵ steps on D of 512–4096 (steps · D ≳ 2²²), where s = 1.
+    1 when the run's length is unknown."""
+    if steps is None:
+        return 1.0
+    return min(RUN_LENGTH_MAX_LR_SCALE, max(1.0, math.sqrt(RUN_LENGTH_REFERENCE / (steps * activation_dim))))
+
+
 def lr_multiplier(
     step: int,
     warmup_steps: int,
@@ -412,11 +430,14 @@ class LossOutput(NamedTuple):
 
 class SAETrainer:
     """One SAE being trained. Subclasses set `Config`, `dictionary_class`, `default_lr` (or
-    override `default_learning_rate`), build `self.ae` and `self.optimizer`, and implement `loss`."""
+    override `long_run_learning_rate`), build `self.ae` and `self.optimizer`, and implement `loss`."""
 
     Config: ClassVar[type[TrainerConfig]] = TrainerConfig
     dictionary_class: ClassVar[type[Dictionary]]
     default_lr: ClassVar[float] = 1e-3
+    scales_lr_with_run: ClassVar[bool] = True
+    """whether the default LR is the long-run one times run_length_lr_scale (False: a recipe whose
+    default is already set for short runs, or that diverges at larger rates)."""
     full_metrics: bool = True
     """whether `update` adds l0 and fvu to its metrics where the recipe's loss has none
     (add_l0_and_fvu: one more pass over the batch's features); trainSAE turns it on only for the
@@ -455,8 +476,15 @@ class SAETrainer:
         return dictionary.to(self.device)
 
     # -- what a recipe implements ------------------------------------------------------------
-    def default_learning_rate(self) -> float:
+    def long_run_learning_rate(self) -> float:
+        """The recipe's published LR, meant for runs of 10⁴–10⁵ steps."""
         return self.default_lr
+
+    def default_learning_rate(self) -> float:
+        """The LR when the config gives none: the long-run one, scaled up for a short run on narrow
+        inputs (run_length_lr_scale) unless the recipe opts out."""
+        scale = run_length_lr_scale(self.cfg.steps, self.cfg.activation_dim) if self.scales_lr_with_run else 1.0
+        return self.long_run_learning_rate() * scale
 
     def adapts_penalty_to_target_l0(self) -> bool:
         """Whether `target_l0` drives an L0Controller (recipes with a sparsity penalty); recipes

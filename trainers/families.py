@@ -48,11 +48,11 @@ TOPK_DEAD_FRACTION = 0.01  # ... capped at 1% of a shorter run's tokens
 
 
 class TopKSchedule:
-    """Gao et al.'s learning-rate schedule, for trainers with a `cfg`: LR 2e-4 / √(F / 2¹⁴) by default,
-    linear warmup over `warmup_steps`, linear decay to 0 over the last 20% of the steps unless
+    """Gao et al.'s learning-rate schedule, for trainers with a `cfg`: LR 2e-4 / √(F / 2¹⁴) for a
+    long run (times run_length_lr_scale by default), linear warmup over `warmup_steps`, linear decay to 0 over the last 20% of the steps unless
     `decay_start` says otherwise."""
 
-    def default_learning_rate(self) -> float:
+    def long_run_learning_rate(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.dict_size / 2**14)
 
     def adapts_penalty_to_target_l0(self) -> bool:

@@ -61,6 +61,7 @@ class GatedSAETrainer(GatedFamilyTrainer):
     Config = GatedSAETrainerConfig
     dictionary_class = GatedAutoEncoder
     default_lr = 1e-3  # see the module docstring: the paper's 3e-4 and the reference's 5e-5 are for long runs
+    scales_lr_with_run = False  # 1e-3 is already a short run's rate
 
     def sparsity_penalty(self, gate: Features, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """λ ‖ReLU(π_gate)‖₁ (batch mean) for gate = ReLU(π_gate) (non-negative), [N, F] or sparse."""

@@ -73,6 +73,7 @@ class JumpReluTrainer(JumpReluFamilyTrainer):
     Config = JumpReluTrainerConfig
     dictionary_class = JumpReluAutoEncoder
     default_lr = 2e-3  # the module docstring says why not the paper's 7e-5
+    scales_lr_with_run = False  # 2e-3 is already a short run's rate
 
     def __init__(self, config: JumpReluTrainerConfig):
         super().__init__(config)

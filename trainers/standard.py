@@ -12,7 +12,8 @@ about half the inputs and the L1 term spends the first thousands of steps shrink
 in benchmarks/README.md). 0.1 is the scale of Anthropic's April 2024 update and of
 saprmarks/dictionary_learning's AutoEncoder.
 
-Decoder directions are kept at unit norm by ConstrainedAdam. The LR warms up linearly over
+Decoder directions are kept at unit norm by ConstrainedAdam. The LR is 1e-3 for a long run, scaled
+up for a short one on narrow inputs (base.run_length_lr_scale), and warms up linearly over
 `warmup_steps`, restarting after each resample; λ warms up linearly over `sparsity_warmup_steps`.
 
 Dead-neuron resampling (appendix "Neuron Resampling"), every `resample_steps` steps: latents that
