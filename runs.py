@@ -244,6 +244,9 @@ class Checkpointer:
 # trainer-config fields that only shape the initial weights, which a resumed run loads from its state
 # instead, and the value a saved config without the field ran with (the tied init W_enc = W_decᵀ)
 INITIALISATION_FIELDS = {"init_encoder_scale": 1.0}
+# trainer-config fields added since, and the value a saved config without the field ran with (which
+# the resumed run keeps)
+ADDED_FIELDS = {"pre_act_penalty": 0.0, "pre_act_dead_tokens": 10_000}
 
 
 def _check_same_config(index: int, trainer: SAETrainer, saved: dict[str, Any]) -> None:
@@ -251,8 +254,9 @@ def _check_same_config(index: int, trainer: SAETrainer, saved: dict[str, Any]) -
     resumed run (steps, device, a drawn seed, the initialisation, a default LR); those are recorded as saved."""
     current = trainer.config
     initialisation = {name: saved.get(name, old) for name, old in INITIALISATION_FIELDS.items() if name in current}
+    added = {name: old for name, old in ADDED_FIELDS.items() if name in current and name not in saved}
     default_lr_kept = trainer.cfg.lr is None and "lr" in saved  # a default LR depends on steps, which may change
-    ignored = ({"steps", "device"} | set(initialisation) | ({"seed"} if trainer.seed_was_drawn else set())
+    ignored = ({"steps", "device"} | set(initialisation) | set(added) | ({"seed"} if trainer.seed_was_drawn else set())
                | ({"lr"} if default_lr_kept else set()))
     differing = sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
     if differing:
@@ -263,8 +267,8 @@ def _check_same_config(index: int, trainer: SAETrainer, saved: dict[str, Any]) -
         )
     if trainer.seed_was_drawn and saved.get("seed") is not None:
         trainer.cfg.seed = saved["seed"]  # record the seed the run was started with
-    for name, value in initialisation.items():
-        setattr(trainer.cfg, name, value)  # and the initialisation
+    for name, value in {**initialisation, **added}.items():
+        setattr(trainer.cfg, name, value)  # and the initialisation, and what the run started with
     if default_lr_kept:
         trainer.lr = saved["lr"]  # and the LR it was started with
 

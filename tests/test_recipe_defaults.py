@@ -100,3 +100,13 @@ def test_resume_with_another_length_keeps_the_default_lr_it_started_with():
     given = build_trainer({**config, "lr": 5e-4}, steps=2**16)
     with pytest.raises(ValueError, match="lr: saved 0.002, now 0.0005"):
         _check_same_config(0, given, started.config)
+
+
+def test_resumed_jumprelu_run_saved_before_the_pre_activation_loss_keeps_running_without_it():
+    config = {"trainer": "JumpReluTrainer", "activation_dim": 8, "dict_size": 16, "seed": 0}
+    saved = build_trainer(config, steps=100).config
+    del saved["pre_act_penalty"], saved["pre_act_dead_tokens"]
+    resumed = build_trainer(config, steps=100)
+    assert resumed.cfg.pre_act_penalty == 0.003
+    _check_same_config(0, resumed, saved)
+    assert resumed.cfg.pre_act_penalty == 0.0 and resumed.cfg.pre_act_dead_tokens == 10_000

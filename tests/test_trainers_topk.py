@@ -274,6 +274,50 @@ def test_jumprelu_loss_matches_dense_autograd(kernels):
     _assert_same_gradients(out.loss, reference, ae)
 
 
+def test_jumprelu_pre_activation_loss_matches_dense_autograd_on_dead_latents_only(kernels):
+    torch.manual_seed(0)
+    trainer = JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, bandwidth=0.2,
+                                                    sparsity_penalty=0.3, sparsity_warmup_steps=0, pre_act_penalty=0.5,
+                                                    pre_act_dead_tokens=100, warmup_steps=1, seed=1))
+    ae = trainer.ae
+    with torch.no_grad():
+        ae.threshold.copy_(torch.rand(F_SMALL).mul(0.5).add(0.05))
+        ae.W_dec.mul_(torch.rand(F_SMALL, 1).add(0.5))  # the penalty weighs each latent by ‖W_dec,i‖
+    _randomise_biases(ae)
+    dead = torch.rand(F_SMALL) < 0.3
+    trainer.dead_tracker.tokens_since_fired[dead] = 100
+    trainer.dead_tracker.tokens_since_fired[~dead] = 99
+    x = torch.randn(32, D)
+    out = trainer.loss(x, step=0)
+    pre = x @ ae.W_enc + ae.b_enc
+    f = JumpReLUFunction.apply(pre, ae.threshold, 0.2)
+    reference = (x - (f @ ae.W_dec + ae.b_dec)).pow(2).sum(-1).mean()
+    reference = reference + 0.3 * StepFunction.apply(pre, ae.threshold, 0.2).sum(-1).mean()
+    pre_act = ((ae.threshold - pre).relu() * ae.W_dec.norm(dim=1) * dead).sum(-1).mean()
+    assert pre_act > 0
+    _assert_same_gradients(out.loss, reference + 0.5 * pre_act, ae)
+    torch.testing.assert_close(out.metrics["pre_act_loss"], 0.5 * pre_act.detach())
+
+
+@pytest.mark.parametrize("pre_act_penalty", [0.0, 0.003])
+def test_jumprelu_pre_activation_loss_revives_a_dead_latent(pre_act_penalty):
+    """A latent whose θ lies above all its pre-activations gets no gradient from the reconstruction
+    or the L0 term and stays dead; the pre-activation loss lowers θ and raises π until it fires."""
+    data = SyntheticActivations(activation_dim=D, n_features=F_SMALL, batch_size=256, seed=0)
+    trainer = JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, sparsity_penalty=0.01,
+                                                    pre_act_penalty=pre_act_penalty, pre_act_dead_tokens=256,
+                                                    warmup_steps=1, sparsity_warmup_steps=0, steps=400, seed=0))
+    with torch.no_grad():
+        trainer.ae.threshold[0] = 0.4
+    fired = False
+    for step in range(400):
+        trainer.update(step, data.sample())
+        fired = fired or bool(trainer.dead_tracker.steps_since_fired[0] == 0)
+    assert fired == (pre_act_penalty > 0)
+    if pre_act_penalty == 0:
+        assert trainer.ae.threshold[0] == 0.4  # no gradient reached it
+
+
 def test_jumprelu_target_l0_penalty():
     trainer = JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, target_l0=4.0,
                                                     sparsity_penalty=2.0, sparsity_warmup_steps=0,

@@ -665,6 +665,11 @@ class JumpReluFamilyConfig(TrainerConfig):
     sparsity_warmup_steps: int | None = None
     """λ warms up linearly from 0 over these steps; None: the paper's 10,000, or a tenth of the run
     when that is shorter (so a short run reaches its full λ); 0: no warmup."""
+    pre_act_penalty: float = 0.0
+    """λ_p, the weight of the pre-activation loss that pulls dead latents back towards firing:
+    λ_p · (1/N) Σ_n Σ_{i dead} ReLU(θ_i − π_ni) ‖W_dec,i‖; 0: none."""
+    pre_act_dead_tokens: int = 10_000
+    """a latent is dead, for the pre-activation loss, after this many tokens without firing."""
 
 
 class JumpReluFamilyTrainer(SAETrainer):
@@ -685,6 +690,9 @@ class JumpReluFamilyTrainer(SAETrainer):
             raise ValueError(f"{name}: target_l0 must be positive or None, got {config.target_l0}")
         if not config.bandwidth > 0:
             raise ValueError(f"{name}: bandwidth (ε) must be positive, got {config.bandwidth}")
+        if not config.pre_act_penalty >= 0:
+            raise ValueError(f"{name}: pre_act_penalty (λ_p) must be >= 0 (0 turns it off), got {config.pre_act_penalty}")
+        check_positive("pre_act_dead_tokens", config.pre_act_dead_tokens)
         warmup = config.sparsity_warmup_steps
         if warmup is not None and config.steps is not None and warmup > config.steps:
             warnings.warn(
@@ -738,6 +746,21 @@ class JumpReluFamilyTrainer(SAETrainer):
         else:
             sparsity = (self.replicas.mean(l0, n_rows) / self.cfg.target_l0 - 1).pow(2)
         return self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * sparsity, sparsity
+
+    def pre_activation_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """λ_p · (1/N) Σ_n Σ_{i∈S} ReLU(θ_i − π_ni) ‖W_dec,i‖ over the latents S that have not fired
+        in `pre_act_dead_tokens` tokens (Anthropic's January 2025 update; SAELens' pre_act_loss): its
+        gradient raises their pre-activations π and lowers their thresholds θ until they fire again,
+        which the L0 penalty's estimator cannot do (it sees only π within ε of θ)."""
+        if self.cfg.pre_act_penalty == 0:
+            return x.new_zeros(())
+        dead = self.dead_tracker.dead_after_tokens(self.cfg.pre_act_dead_tokens).nonzero().squeeze(1)  # [S]
+        if dead.numel() == 0:
+            return x.new_zeros(())
+        ae = self.ae
+        pre = torch.addmm(ae.b_enc[dead], x, ae.W_enc[:, dead])  # π [N, S]
+        gap = (ae.threshold[dead] - pre).relu() * ae.W_dec[dead].norm(dim=1)
+        return self.cfg.pre_act_penalty * gap.sum(dim=1).mean()
 
     def after_optimizer_step(self, step: int, x) -> None:
         with torch.no_grad():

@@ -22,7 +22,14 @@ trainSAE's normalize_activations=True):
     ∂/∂θ JumpReLU_θ(z) := −(θ/ε) K((z − θ)/ε),     ∂/∂z JumpReLU_θ(z) = H(z − θ)
     ∂/∂θ H(z − θ)      := −(1/ε) K((z − θ)/ε),     ∂/∂z H(z − θ) = 0
 
-(the L0 term pushes on the thresholds only, not on the encoder). The optimiser updates θ itself,
+(the L0 term pushes on the thresholds only, not on the encoder). A latent whose pre-activations
+all fall below θ − ε gets no gradient from either term and stays dead, so, as in Anthropic's
+January 2025 update, a pre-activation loss pulls the latents S that have not fired in
+`pre_act_dead_tokens` tokens (default 10,000) back up:
+
+    L_p = λ_p · (1/N) Σ_n Σ_{i∈S} ReLU(θ_i − π_ni) ‖W_dec,i‖,     λ_p = 0.003 by default
+
+(it raises their π and lowers their θ; 0 turns it off; the JumpReLU transcoder's default is 0). The optimiser updates θ itself,
 as saprmarks/dictionary_learning does (the paper's pseudo-code trains log θ; with Adam, steps in
 θ are then of the LR's size rather than relative ones, and the saved θ is exactly the trained
 one); θ is kept ≥ 0 after each step.
@@ -65,6 +72,8 @@ class JumpReluTrainerConfig(JumpReluFamilyConfig):
 
     init_encoder_scale: float = 0.1
     """W_enc = init_encoder_scale · W_decᵀ at initialisation."""
+    pre_act_penalty: float = 0.003
+    """λ_p of the pre-activation loss on dead latents (see the module docstring); 0: none."""
 
 
 class JumpReluTrainer(JumpReluFamilyTrainer):
@@ -85,7 +94,8 @@ class JumpReluTrainer(JumpReluFamilyTrainer):
         decoded, l0, features = self.jump_relu_decode(x)
         recon_loss = (x - (decoded + self.ae.b_dec)).pow(2).sum(dim=-1).mean()
         penalty, sparsity = self.sparsity_loss(l0, step, x.shape[0])
-        loss = recon_loss + penalty
+        pre_act_loss = self.pre_activation_loss(x)
+        loss = recon_loss + penalty + pre_act_loss
         metrics = {"mse_loss": recon_loss.detach(), "sparsity_loss": sparsity.detach(), "l0": l0.detach(),
-                   "loss": loss.detach()}
+                   "pre_act_loss": pre_act_loss.detach(), "loss": loss.detach()}
         return LossOutput(loss, features, metrics)

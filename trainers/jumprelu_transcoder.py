@@ -34,7 +34,8 @@ class JumpReluTranscoderTrainer(TranscoderFamilyTrainer, JumpReluFamilyTrainer):
         y_hat = decoded + self.ae.b_dec + self.ae.skip_term(x)
         recon_loss = (y - y_hat).pow(2).sum(dim=-1).mean()
         penalty, sparsity = self.sparsity_loss(l0, step, x.shape[0])
-        loss = recon_loss + penalty
+        pre_act_loss = self.pre_activation_loss(x)
+        loss = recon_loss + penalty + pre_act_loss
         metrics = {**self.fit_metrics(y, y_hat), "sparsity_loss": sparsity.detach(), "l0": l0.detach(),
-                   "loss": loss.detach()}
+                   "pre_act_loss": pre_act_loss.detach(), "loss": loss.detach()}
         return LossOutput(loss, features, metrics)
