@@ -256,47 +256,31 @@ def test_matryoshka_loss_is_the_sum_of_prefix_losses_by_hand():
         torch.testing.assert_close(out.metrics["mse_loss"], torch.tensor(0.0))
 
 
-def test_jumprelu_loss_matches_dense_autograd(kernels):
+@pytest.mark.parametrize("pre_act_penalty", [0.0, 0.5])
+def test_jumprelu_loss_matches_dense_autograd(kernels, pre_act_penalty):
+    """With pre_act_penalty, the pre-activation loss acts on the dead latents only, weighted by ‖W_dec,i‖."""
     torch.manual_seed(0)
     trainer = JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, bandwidth=0.2,
                                                     sparsity_penalty=0.3, sparsity_warmup_steps=0,
+                                                    pre_act_penalty=pre_act_penalty, pre_act_dead_tokens=100,
                                                     warmup_steps=1, seed=1))
     ae = trainer.ae
     with torch.no_grad():
         ae.threshold.copy_(torch.rand(F_SMALL).mul(0.5).add(0.05))
-    _randomise_biases(ae)
-    x = torch.randn(32, D)
-    out = trainer.loss(x, step=0)
-    pre = x @ ae.W_enc + ae.b_enc
-    f = JumpReLUFunction.apply(pre, ae.threshold, 0.2)
-    reference = (x - (f @ ae.W_dec + ae.b_dec)).pow(2).sum(-1).mean()
-    reference = reference + 0.3 * StepFunction.apply(pre, ae.threshold, 0.2).sum(-1).mean()
-    _assert_same_gradients(out.loss, reference, ae)
-
-
-def test_jumprelu_pre_activation_loss_matches_dense_autograd_on_dead_latents_only(kernels):
-    torch.manual_seed(0)
-    trainer = JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, bandwidth=0.2,
-                                                    sparsity_penalty=0.3, sparsity_warmup_steps=0, pre_act_penalty=0.5,
-                                                    pre_act_dead_tokens=100, warmup_steps=1, seed=1))
-    ae = trainer.ae
-    with torch.no_grad():
-        ae.threshold.copy_(torch.rand(F_SMALL).mul(0.5).add(0.05))
-        ae.W_dec.mul_(torch.rand(F_SMALL, 1).add(0.5))  # the penalty weighs each latent by ‖W_dec,i‖
+        ae.W_dec.mul_(torch.rand(F_SMALL, 1).add(0.5))
     _randomise_biases(ae)
     dead = torch.rand(F_SMALL) < 0.3
-    trainer.dead_tracker.tokens_since_fired[dead] = 100
-    trainer.dead_tracker.tokens_since_fired[~dead] = 99
+    trainer.dead_tracker.tokens_since_fired.copy_(torch.where(dead, 100, 99))
     x = torch.randn(32, D)
     out = trainer.loss(x, step=0)
     pre = x @ ae.W_enc + ae.b_enc
     f = JumpReLUFunction.apply(pre, ae.threshold, 0.2)
     reference = (x - (f @ ae.W_dec + ae.b_dec)).pow(2).sum(-1).mean()
     reference = reference + 0.3 * StepFunction.apply(pre, ae.threshold, 0.2).sum(-1).mean()
-    pre_act = ((ae.threshold - pre).relu() * ae.W_dec.norm(dim=1) * dead).sum(-1).mean()
-    assert pre_act > 0
-    _assert_same_gradients(out.loss, reference + 0.5 * pre_act, ae)
-    torch.testing.assert_close(out.metrics["pre_act_loss"], 0.5 * pre_act.detach())
+    pre_act = pre_act_penalty * ((ae.threshold - pre).relu() * ae.W_dec.norm(dim=1) * dead).sum(-1).mean()
+    assert (pre_act > 0) == (pre_act_penalty > 0)
+    _assert_same_gradients(out.loss, reference + pre_act, ae)
+    torch.testing.assert_close(out.metrics["pre_act_loss"], pre_act.detach())
 
 
 @pytest.mark.parametrize("pre_act_penalty", [0.0, 0.003])
