@@ -440,7 +440,7 @@ class SAETrainer:
     default_lr: ClassVar[float] = 1e-3
     scales_lr_with_run: ClassVar[bool] = True
     """whether the default LR is the long-run one times run_length_lr_scale (False: a recipe whose
-    default is already set for short runs, or that diverges at larger rates)."""
+    default is already set for short runs)."""
     full_metrics: bool = True
     """whether `update` adds l0 and fvu to its metrics where the recipe's loss has none
     (add_l0_and_fvu: one more pass over the batch's features); trainSAE turns it on only for the

@@ -30,11 +30,11 @@ is below x, and the decoder's gradient f_i (x − x̂) pulls each firing row tow
 Decoder directions are kept at unit norm (ConstrainedAdam), which
 keeps the L1 penalty meaningful (with free norms it could be shrunk away by scaling W_gate down
 and W_dec up). Adam runs with β1 = 0, β2 = 0.999 (`adam_betas`, DeepMind's setting and that of
-saprmarks/dictionary_learning's original gated trainer) and LR 1e-3 by default. Adam moves each
-weight by about the LR per step, so the LR bounds how far a run of a given length can move the
-dictionary from its random start: the paper's 3e-4 (and the reference library's 5e-5) are meant for
-the paper's long runs, and in a run of 2,000 steps they leave the decoder near its random
-initialisation (pass lr=3e-4 for the paper's setting). Dead latents can be resampled as in
+saprmarks/dictionary_learning's original gated trainer) and by default the paper's LR 3e-4 times
+base.run_length_lr_scale. Adam moves each weight by about the LR per step, so the LR bounds how far
+a run of a given length can move the dictionary from its random start: 3e-4 (and the reference
+library's 5e-5) are meant for the paper's long runs, and unscaled they leave the decoder of a
+2,000-step run near its random initialisation (pass lr=3e-4 for the paper's setting). Dead latents can be resampled as in
 Bricken et al. (2023), as the paper does (`resample_steps`; the LR warmup restarts after each).
 
 The losses, their dense and sparse computations and the resampling are the gated family's
@@ -60,8 +60,7 @@ class GatedSAETrainerConfig(GatedFamilyConfig):
 class GatedSAETrainer(GatedFamilyTrainer):
     Config = GatedSAETrainerConfig
     dictionary_class = GatedAutoEncoder
-    default_lr = 1e-3  # see the module docstring: the paper's 3e-4 and the reference's 5e-5 are for long runs
-    scales_lr_with_run = False  # 1e-3 is already a short run's rate
+    default_lr = 3e-4  # the paper's, scaled up for short runs (module docstring)
 
     def sparsity_penalty(self, gate: Features, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """λ ‖ReLU(π_gate)‖₁ (batch mean) for gate = ReLU(π_gate) (non-negative), [N, F] or sparse."""

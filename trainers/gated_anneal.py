@@ -30,8 +30,7 @@ class GatedAnnealTrainerConfig(AnnealedSparsityConfig, GatedFamilyConfig):
 class GatedAnnealTrainer(AnnealedSparsity, GatedFamilyTrainer):
     Config = GatedAnnealTrainerConfig
     dictionary_class = GatedAutoEncoder
-    default_lr = 1e-3  # the gated recipe's (gated.py); saprmarks/dictionary_learning's 3e-4 suits long runs
-    scales_lr_with_run = False
+    default_lr = 3e-4  # saprmarks/dictionary_learning's, scaled up for short runs as the gated recipe's
 
     def sparsity_penalty(self, gate: Features, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.anneal.penalty(gate, step, self.replicas)

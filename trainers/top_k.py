@@ -24,7 +24,8 @@ gradient rather than from its random starting direction, and recovers markedly m
 truth on benchmarks/frontier.py (benchmarks/README.md). The decoder directions stay at
 unit norm: the gradient component along each is removed before the Adam step and it is
 renormalised after it. Adam uses β = (0.9, 0.999) and ε = 6.25e-10 (the paper's code); the LR
-defaults to 2e-4 / √(F / 2¹⁴) (the paper's 1/√F scaling law, Figure 3), warms up linearly over
+defaults to 2e-4 / √(F / 2¹⁴) (the paper's 1/√F scaling law, Figure 3) times the short-run factor
+base.run_length_lr_scale (1 for runs with steps · D ≥ 2²²), warms up linearly over
 `warmup_steps` and decays linearly to 0 over the last 20% of training unless `decay_start` says
 otherwise.
 
