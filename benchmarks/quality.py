@@ -73,6 +73,28 @@ def dictionary_quality(dictionary, heldout: torch.Tensor, true_features: torch.T
     }
 
 
+def start_from_reference_init(ae, seed: int) -> None:
+    """Set our AutoEncoder `ae` to the reference AutoEncoder's initial weights for `seed`, drawn as its
+    trainer draws them from torch's global RNG (here in a fork of it): manual_seed(seed), an
+    nn.Linear encoder (whose default-initialised bias it keeps), an nn.Linear decoder, then
+    w = randn(D, F) with columns at norm 0.1 as W_enc and W_decᵀ; b_dec = 0. Isolates the training
+    algorithm from the initial draw."""
+    import torch.nn as nn
+
+    D, F = ae.activation_dim, ae.dict_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = nn.Linear(D, F, bias=True)
+        nn.Linear(F, D, bias=False)
+        w = torch.randn(D, F)
+    w = w / w.norm(dim=0, keepdim=True) * 0.1
+    with torch.no_grad():
+        ae.W_enc.copy_(w)
+        ae.W_dec.copy_(w.T)
+        ae.b_enc.copy_(encoder.bias)
+        ae.b_dec.zero_()
+
+
 def main() -> None:
     parser = _common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--trainers", nargs="*", default=None, help="subset of recipe names (default: all)")
@@ -88,7 +110,12 @@ def main() -> None:
     parser.add_argument("--heldout-batches", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None,
                         help="one learning rate for every recipe and both libraries (default: each recipe's)")
+    parser.add_argument("--reference-init", action="store_true",
+                        help="start ours from the reference's exact initial weights (the April update only)")
     args = parser.parse_args()
+    if args.reference_init and set(args.trainers or ()) != {"StandardTrainerAprilUpdate"}:
+        parser.error("--reference-init draws the reference AutoEncoder's initialisation, which only the April "
+                     "update shares: pass --trainers StandardTrainerAprilUpdate")
     _common.set_threads(args.threads)
     _common.set_clock(args.clock)
     _common.import_library().keep_freed_cpu_memory()  # a training process (utils.keep_freed_cpu_memory)
@@ -137,6 +164,8 @@ def main() -> None:
         row = {"trainer": run["trainer"], "label": run["label"]}
         stream = SyntheticActivations(**synthetic)
         trainer, dropped = _common.build_our_trainer(run["trainer"], run["kwargs"])
+        if args.reference_init:
+            start_from_reference_init(trainer.ae, args.seed)
         row["train_s"] = _common.timed_training(trainer.update, stream.sample(), stream.sample, steps)
         trainer.ae.eval()
         row.update(dictionary_quality(trainer.ae, heldout.flatten(0, 1), true_features))
