@@ -79,7 +79,7 @@ def test_run_length_lr_scale_law():
 @pytest.mark.parametrize("name, long_run_lr, scaled", [
     ("StandardTrainer", 1e-3, True), ("StandardTrainerAprilUpdate", 1e-3, True), ("PAnnealTrainer", 1e-3, True),
     ("TopKTrainer", 2e-4 / math.sqrt(256 / 2**14), True), ("BatchTopKTrainer", 2e-4 / math.sqrt(256 / 2**14), True),
-    ("GatedSAETrainer", 3e-4, True), ("GatedAnnealTrainer", 3e-4, True), ("JumpReluTrainer", 2e-3, False),
+    ("GatedSAETrainer", 6e-4, True), ("GatedAnnealTrainer", 3e-4, True), ("JumpReluTrainer", 2e-3, False),
 ])
 def test_default_lr_is_the_long_run_one_scaled_to_the_run(name, long_run_lr, scaled):
     config = {"trainer": name, "activation_dim": 64, "dict_size": 256, **({"k": 4} if "TopK" in name else {})}
