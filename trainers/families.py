@@ -49,8 +49,8 @@ TOPK_DEAD_FRACTION = 0.01  # ... capped at 1% of a shorter run's tokens
 
 class TopKSchedule:
     """Gao et al.'s learning-rate schedule, for trainers with a `cfg`: LR 2e-4 / √(F / 2¹⁴) for a
-    long run (times run_length_lr_scale by default), linear warmup over `warmup_steps`, linear decay to 0 over the last 20% of the steps unless
-    `decay_start` says otherwise."""
+    long run (times run_length_lr_scale by default), linear warmup over `warmup_steps`, linear decay
+    to 0 over the last 20% of the steps unless `decay_start` says otherwise."""
 
     def long_run_learning_rate(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.dict_size / 2**14)
@@ -691,7 +691,8 @@ class JumpReluFamilyTrainer(SAETrainer):
         if not config.bandwidth > 0:
             raise ValueError(f"{name}: bandwidth (ε) must be positive, got {config.bandwidth}")
         if not config.pre_act_penalty >= 0:
-            raise ValueError(f"{name}: pre_act_penalty (λ_p) must be >= 0 (0 turns it off), got {config.pre_act_penalty}")
+            raise ValueError(f"{name}: pre_act_penalty (λ_p) must be >= 0 (0 turns it off), got "
+                             f"{config.pre_act_penalty}")
         check_positive("pre_act_dead_tokens", config.pre_act_dead_tokens)
         warmup = config.sparsity_warmup_steps
         if warmup is not None and config.steps is not None and warmup > config.steps:

@@ -35,8 +35,9 @@ paper's 3e-4, times base.run_length_lr_scale (at twice the rate the synthetic an
 benchmarks scored better than at the paper's, benchmarks/README.md). Adam moves each weight by about
 the LR per step, so the LR bounds how far a run of a given length can move the dictionary from its
 random start: 3e-4 (and the reference library's 5e-5) unscaled leave the decoder of a 2,000-step
-run near its random initialisation (pass lr=3e-4 for the paper's setting). Dead latents can be resampled as in
-Bricken et al. (2023), as the paper does (`resample_steps`; the LR warmup restarts after each).
+run near its random initialisation (pass lr=3e-4 for the paper's setting). Dead latents can be
+resampled as in Bricken et al. (2023), as the paper does (`resample_steps`; the LR warmup restarts
+after each).
 
 The losses, their dense and sparse computations and the resampling are the gated family's
 (families.GatedFamilyTrainer); this recipe's own choice is the L1 penalty.

@@ -29,10 +29,10 @@ January 2025 update, a pre-activation loss pulls the latents S that have not fir
 
     L_p = λ_p · (1/N) Σ_n Σ_{i∈S} ReLU(θ_i − π_ni) ‖W_dec,i‖,     λ_p = 0.003 by default
 
-(it raises their π and lowers their θ; 0 turns it off; the JumpReLU transcoder's default is 0). The optimiser updates θ itself,
-as saprmarks/dictionary_learning does (the paper's pseudo-code trains log θ; with Adam, steps in
-θ are then of the LR's size rather than relative ones, and the saved θ is exactly the trained
-one); θ is kept ≥ 0 after each step.
+(it raises their π and lowers their θ; 0 turns it off; the JumpReLU transcoder's default is 0).
+The optimiser updates θ itself, as saprmarks/dictionary_learning does (the paper's pseudo-code
+trains log θ; with Adam, steps in θ are then of the LR's size rather than relative ones, and the
+saved θ is exactly the trained one); θ is kept ≥ 0 after each step.
 
 Initialisation: decoder rows unit-norm random directions, W_enc = 0.1 · W_decᵀ
 (`init_encoder_scale`), b_enc = b_dec = 0, θ = 0.001. The small encoder is the standard and gated

@@ -12,8 +12,8 @@ The paper's loss is the reconstruction error plus λ‖f‖₁; the penalty here
 its decoder norm, as in Anthropic's April 2024 update, so that shrinking the encoder and growing the
 decoder cannot lower it and the decoder needs no norm constraint. λ_t warms up linearly over the
 first 5% of training; the LR (1e-3 times base.run_length_lr_scale by default) decays linearly to 0
-over the last 20%; plain Adam with the
-gradient's global norm clipped to 1. b_dec starts at the mean output (families.TranscoderFamilyTrainer).
+over the last 20%; plain Adam with the gradient's global norm clipped to 1. b_dec starts at the
+mean output (families.TranscoderFamilyTrainer).
 """
 from __future__ import annotations
 
