@@ -411,6 +411,10 @@ def test_config_errors_name_the_argument():
                                                                     group_sizes=[32, 32], group_weights=[1.0]))
     with pytest.raises(ValueError, match="bandwidth"):
         JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, bandwidth=0.0))
+    with pytest.raises(ValueError, match=r"pre_act_penalty \(λ_p\) must be >= 0"):
+        JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, pre_act_penalty=-0.1))
+    with pytest.raises(ValueError, match="pre_act_dead_tokens must be > 0"):
+        JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, pre_act_dead_tokens=0))
     with pytest.raises(ValueError, match="k .*must be an int"):
         AutoEncoderTopK(D, F_SMALL, k=0)
 
