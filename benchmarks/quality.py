@@ -73,6 +73,9 @@ def dictionary_quality(dictionary, heldout: torch.Tensor, true_features: torch.T
     }
 
 
+REFERENCE_AUTOENCODER_RECIPES = {"StandardTrainer", "StandardTrainerAprilUpdate"}
+
+
 def start_from_reference_init(ae, seed: int) -> None:
     """Set our AutoEncoder `ae` to the reference AutoEncoder's initial weights for `seed`, drawn as its
     trainer draws them from torch's global RNG (here in a fork of it): manual_seed(seed), an
@@ -111,11 +114,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="one learning rate for every recipe and both libraries (default: each recipe's)")
     parser.add_argument("--reference-init", action="store_true",
-                        help="start ours from the reference's exact initial weights (the April update only)")
+                        help="start ours from the reference's exact initial weights (Standard and April only)")
     args = parser.parse_args()
-    if args.reference_init and set(args.trainers or ()) != {"StandardTrainerAprilUpdate"}:
-        parser.error("--reference-init draws the reference AutoEncoder's initialisation, which only the April "
-                     "update shares: pass --trainers StandardTrainerAprilUpdate")
+    if args.reference_init and not (args.trainers and set(args.trainers) <= REFERENCE_AUTOENCODER_RECIPES):
+        parser.error("--reference-init draws the reference AutoEncoder's initialisation, which only "
+                     f"{' and '.join(sorted(REFERENCE_AUTOENCODER_RECIPES))} share: pass --trainers with those")
     _common.set_threads(args.threads)
     _common.set_clock(args.clock)
     _common.import_library().keep_freed_cpu_memory()  # a training process (utils.keep_freed_cpu_memory)
