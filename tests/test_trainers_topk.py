@@ -411,10 +411,12 @@ def test_config_errors_name_the_argument():
                                                                     group_sizes=[32, 32], group_weights=[1.0]))
     with pytest.raises(ValueError, match="bandwidth"):
         JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, bandwidth=0.0))
-    with pytest.raises(ValueError, match=r"pre_act_penalty \(λ_p\) must be >= 0"):
-        JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, pre_act_penalty=-0.1))
-    with pytest.raises(ValueError, match="pre_act_dead_tokens must be > 0"):
-        JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, pre_act_dead_tokens=0))
+    for bad in (-0.1, float("nan"), "0.003", None):
+        with pytest.raises(ValueError, match=r"pre_act_penalty \(λ_p\) must be a finite number >= 0"):
+            JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, pre_act_penalty=bad))
+    for bad in (0, 2.5, "10000", True):
+        with pytest.raises(ValueError, match="pre_act_dead_tokens must be a positive int"):
+            JumpReluTrainer(JumpReluTrainerConfig(activation_dim=D, dict_size=F_SMALL, pre_act_dead_tokens=bad))
     with pytest.raises(ValueError, match="k .*must be an int"):
         AutoEncoderTopK(D, F_SMALL, k=0)
 

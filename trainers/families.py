@@ -30,6 +30,8 @@ from .base import (
     LossOutput,
     SAETrainer,
     TrainerConfig,
+    _check_count,
+    _is_number,
     check_positive,
     lr_multiplier,
     resample_dead_latents_,
@@ -690,10 +692,11 @@ class JumpReluFamilyTrainer(SAETrainer):
             raise ValueError(f"{name}: target_l0 must be positive or None, got {config.target_l0}")
         if not config.bandwidth > 0:
             raise ValueError(f"{name}: bandwidth (ε) must be positive, got {config.bandwidth}")
-        if not config.pre_act_penalty >= 0:
-            raise ValueError(f"{name}: pre_act_penalty (λ_p) must be >= 0 (0 turns it off), got "
-                             f"{config.pre_act_penalty}")
-        check_positive("pre_act_dead_tokens", config.pre_act_dead_tokens)
+        penalty = config.pre_act_penalty
+        if not (_is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
+            raise ValueError(f"{name}: pre_act_penalty (λ_p) must be a finite number >= 0 (0 turns it off); got "
+                             f"{penalty!r}")
+        _check_count(name, "pre_act_dead_tokens", config.pre_act_dead_tokens, minimum=1)
         warmup = config.sparsity_warmup_steps
         if warmup is not None and config.steps is not None and warmup > config.steps:
             warnings.warn(
