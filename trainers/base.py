@@ -70,27 +70,27 @@ class TrainerConfig:
         error names the field, the value given and what it must be."""
         name = type(self).__name__
         for field in ("activation_dim", "dict_size"):
-            _check_count(name, field, getattr(self, field), minimum=1)
+            check_count(name, field, getattr(self, field), minimum=1)
         for field in ("warmup_steps", "decay_start", "steps", "sparsity_warmup_steps", "seed"):
             if getattr(self, field) is not None:
-                _check_count(name, field, getattr(self, field), minimum=1 if field == "steps" else 0)
-        if self.lr is not None and not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+                check_count(name, field, getattr(self, field), minimum=1 if field == "steps" else 0)
+        if self.lr is not None and not (is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{name}: lr must be a positive finite number or None (the recipe's default); got "
                              f"{self.lr!r}")
         penalty = getattr(self, "sparsity_penalty", None)
-        if penalty is not None and not (_is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
+        if penalty is not None and not (is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
             raise ValueError(f"{name}: sparsity_penalty (λ) must be a finite number >= 0; got {penalty!r}")
-        if self.target_l0 is not None and not (_is_number(self.target_l0) and 0 < self.target_l0 <= self.dict_size):
+        if self.target_l0 is not None and not (is_number(self.target_l0) and 0 < self.target_l0 <= self.dict_size):
             raise ValueError(f"{name}: target_l0 must be a number in (0, dict_size={self.dict_size}] or None; got "
                              f"{self.target_l0!r}")
         self.device = str(check_device(self.device, f"{name}: device"))
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_count(config_name: str, field: str, value: Any, minimum: int) -> None:
+def check_count(config_name: str, field: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         what = "a positive int" if minimum == 1 else "an int >= 0"
         raise ValueError(f"{config_name}: {field} must be {what}; got {value!r}")

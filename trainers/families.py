@@ -30,9 +30,9 @@ from .base import (
     LossOutput,
     SAETrainer,
     TrainerConfig,
-    _check_count,
-    _is_number,
+    check_count,
     check_positive,
+    is_number,
     lr_multiplier,
     resample_dead_latents_,
     sparsity_multiplier,
@@ -693,10 +693,10 @@ class JumpReluFamilyTrainer(SAETrainer):
         if not config.bandwidth > 0:
             raise ValueError(f"{name}: bandwidth (ε) must be positive, got {config.bandwidth}")
         penalty = config.pre_act_penalty
-        if not (_is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
+        if not (is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
             raise ValueError(f"{name}: pre_act_penalty (λ_p) must be a finite number >= 0 (0 turns it off); got "
                              f"{penalty!r}")
-        _check_count(name, "pre_act_dead_tokens", config.pre_act_dead_tokens, minimum=1)
+        check_count(name, "pre_act_dead_tokens", config.pre_act_dead_tokens, minimum=1)
         warmup = config.sparsity_warmup_steps
         if warmup is not None and config.steps is not None and warmup > config.steps:
             warnings.warn(
