@@ -93,6 +93,8 @@ def cache_activations(
             (bf16 ~0.65 of raw instead of ~0.8), slower to read back.
         resume: continue (or extend, with a larger n_tokens) the cache at `path`. The cache must have
             been written with the same model, sites and settings (checked; differences are named).
+            A cache that already holds `n_tokens` rows is only checked and its manifest returned,
+            without taking the writer's lock (parallel jobs may all call this to get one cache).
         data_source: a description of `data` recorded in the manifest (default: its type or
             generator name); resuming with another description is an error.
         workers: compression threads; max_pending: frames that may wait for them (default 2 per
@@ -115,6 +117,11 @@ def cache_activations(
                                  add_special_tokens=add_special_tokens)
     identity = _identity(collector, dtype, _describe(data, data_source), shard_tokens, frame_rows,
                          compression_level, byte_shuffle)
+    if resume and (Path(path) / MANIFEST).exists():
+        manifest = read_manifest(Path(path))  # written atomically: a consistent snapshot, lock or not
+        if manifest["rows"] >= n_tokens:  # nothing to write: no lock, so parallel jobs may all ask for it
+            _check_same_identity(Path(path), manifest, identity)
+            return manifest
     folder = _CacheFolder(Path(path), identity, resume)
     try:
         if folder.rows < n_tokens:

@@ -40,7 +40,7 @@ D, F_, GLOBAL_BATCH = 8, 32, 64
 def recipe_configs() -> list[dict]:
     """Every recipe, small, with the state that must be reduced across ranks at work: dead latents
     (AuxK, resampling, ghost grads), thresholds from step 3, p-annealing's λ rescaling, target_l0
-    (the L0 controller; JumpReLU's (L0/T − 1)² penalty), LR and sparsity warmups and decays.
+    (the L0 controller, JumpReLU's (L0/T − 1)² penalty), LR and sparsity warmups and decays.
 
     p-annealing stops at p = 0.8: towards p = 0.2 the penalty's gradient p·f^(p−1) at features near 0
     amplifies rounding so much that two one-process runs on inputs differing by 1e-7 (relative)

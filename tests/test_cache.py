@@ -345,6 +345,23 @@ def test_a_second_writer_is_refused(lm, tmp_path):
     write(lm, tmp_path, 600, resume=True, texts=documents(50))  # the lock is free again
 
 
+def test_a_complete_cache_is_returned_while_another_process_extends_it(lm, tmp_path):
+    write(lm, tmp_path, 300)
+    seen = []
+
+    def texts_that_ask_for_the_cache_meanwhile():
+        seen.append(write(lm, tmp_path, 300, resume=True)["rows"])  # complete: no lock needed
+        with pytest.raises(RuntimeError, match="another process is writing to the activation cache"):
+            write(lm, tmp_path, 450, resume=True)  # needs rows the writer has not added yet
+        with pytest.raises(ValueError, match="ctx_len"):
+            write(lm, tmp_path, 300, resume=True, ctx_len=16)  # still checked against the request
+        yield from documents(200)
+
+    manifest = cache_activations(texts_that_ask_for_the_cache_meanwhile(), lm, SITES, tmp_path, 600,
+                                 **{**SETTINGS, "resume": True})
+    assert seen == [300] and manifest["rows"] >= 600
+
+
 # --------------------------------------------------------------------------------------------
 # Damage
 # --------------------------------------------------------------------------------------------

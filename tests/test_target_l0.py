@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dictionary_learning import SyntheticActivations, trainSAE
+from dictionary_learning.trainers.base import L0Controller
 from dictionary_learning.training import build_trainer
 
 TARGET = 8
@@ -33,7 +34,8 @@ def test_recipes_whose_l0_is_set_otherwise_reject_or_keep_their_meaning():
     with pytest.raises(ValueError, match="fixes the L0 with k: pass k=8"):
         build_trainer({"trainer": "TopKTrainer", "activation_dim": 8, "dict_size": 16, "k": 4, "target_l0": 8})
     jumprelu = build_trainer({"trainer": "JumpReluTrainer", "activation_dim": 8, "dict_size": 16, "target_l0": 8})
-    assert jumprelu.l0_controller is None  # its target_l0 is the penalty (L0/T − 1)²
+    assert jumprelu.l0_controller.min_log_scale == 0.0  # its (L0/T − 1)², scaled by an m that stays >= 1
+    assert build_trainer({"trainer": "JumpReluTrainer", "activation_dim": 8, "dict_size": 16}).l0_controller is None
     with pytest.raises(ValueError, match=r"target_l0 must be a number in \(0, dict_size=16\]"):
         build_trainer({"trainer": "StandardTrainer", "activation_dim": 8, "dict_size": 16, "target_l0": 0})
 
@@ -51,3 +53,29 @@ def test_the_controller_state_resumes_exactly(tmp_path):
                        progress=False)[0]
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_a_controller_with_a_floor_integrates_only_above_it():
+    def l0_of(value):  # a batch of 4 rows whose L0 is `value`
+        features = torch.zeros(4, 64)
+        features[:, :value] = 1.0
+        return features
+
+    free, floored = L0Controller(8), L0Controller(8, min_scale=1.0)
+    for _ in range(200):  # L0 4 < T: m falls, or stays at its floor
+        free.update(l0_of(4), adapt=True)
+        floored.update(l0_of(4), adapt=True)
+    assert free.scale < 0.1 and floored.scale == 1.0
+    for _ in range(100):  # L0 16 > T: the floored one grows from 1 at once, with nothing wound up to undo
+        free.update(l0_of(16), adapt=True)
+        floored.update(l0_of(16), adapt=True)
+    assert floored.scale > 2.0 and free.scale < floored.scale / 2
+    with pytest.raises(ValueError, match="min_scale must be >= 0"):
+        L0Controller(8, min_scale=-1.0)
+
+
+@pytest.mark.slow
+def test_jumprelu_reaches_a_target_its_soft_penalty_alone_misses():
+    trainer, metrics = run("JumpReluTrainer", 0.01)
+    assert abs(trainer.l0_controller.mean_l0 - TARGET) < 0.2 * TARGET
+    assert float(metrics["penalty_scale"]) > 10  # m grew: λ (L0/T − 1)² alone settles far above T

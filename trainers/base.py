@@ -170,11 +170,16 @@ class L0Controller:
     MAX_LOG_STEP = 0.02
     EMA = 0.9
 
-    def __init__(self, target: float):
+    def __init__(self, target: float, min_scale: float = 0.0):
+        """`min_scale` ≥ 0: m is kept ≥ it (1 for a penalty that already pulls the L0 up below T,
+        so that only the error above T is integrated, and none winds up below it)."""
         if not target > 0:
             raise ValueError(f"target_l0 must be positive, got {target!r}")
+        if not min_scale >= 0:
+            raise ValueError(f"min_scale must be >= 0, got {min_scale!r}")
         self.target = float(target)
-        self.log_scale = 0.0
+        self.min_log_scale = math.log(min_scale) if min_scale > 0 else -math.inf
+        self.log_scale = max(0.0, self.min_log_scale)
         self.mean_l0: float | None = None
 
     @property
@@ -195,7 +200,8 @@ class L0Controller:
         self.mean_l0 = l0 if self.mean_l0 is None else self.EMA * self.mean_l0 + (1 - self.EMA) * l0
         if adapt:
             change = self.GAIN * math.log(max(self.mean_l0, 1e-3) / self.target)
-            self.log_scale += max(-self.MAX_LOG_STEP, min(self.MAX_LOG_STEP, change))
+            self.log_scale = max(self.min_log_scale,
+                                 self.log_scale + max(-self.MAX_LOG_STEP, min(self.MAX_LOG_STEP, change)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"log_scale": self.log_scale, "mean_l0": self.mean_l0}
@@ -441,6 +447,8 @@ class SAETrainer:
     scales_lr_with_run: ClassVar[bool] = True
     """whether the default LR is the long-run one times run_length_lr_scale (False: a recipe whose
     default is already set for short runs)."""
+    l0_controller_min_scale: ClassVar[float] = 0.0
+    """the floor of the L0Controller's multiplier m with target_l0 (L0Controller's min_scale)."""
     full_metrics: bool = True
     """whether `update` adds l0 and fvu to its metrics where the recipe's loss has none
     (add_l0_and_fvu: one more pass over the batch's features); trainSAE turns it on only for the
@@ -465,7 +473,8 @@ class SAETrainer:
         self.generator = torch.Generator(device=generator_device).manual_seed(config.seed)
         self.lr = config.lr if config.lr is not None else self.default_learning_rate()
         self.dead_tracker = DeadLatentTracker(config.dict_size, self.device)
-        self.l0_controller = L0Controller(config.target_l0) if self.adapts_penalty_to_target_l0() else None
+        self.l0_controller = (L0Controller(config.target_l0, self.l0_controller_min_scale)
+                              if self.adapts_penalty_to_target_l0() else None)
         self.replicas: Replicas = SINGLE_PROCESS
         """the ranks holding copies of this trainer (data-parallel training, distributed.py): `update`
         then takes this rank's rows and steps as on the global batch."""

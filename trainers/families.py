@@ -35,7 +35,6 @@ from .base import (
     is_number,
     lr_multiplier,
     resample_dead_latents_,
-    sparsity_multiplier,
 )
 
 # =============================================================================================
@@ -659,7 +658,8 @@ class JumpReluFamilyConfig(TrainerConfig):
     sparsity_penalty: float = 1.0
     """λ, the weight of the L0 penalty."""
     target_l0: float | None = None
-    """None: the penalty is λ · L0 (the paper's); T: λ · (L0/T − 1)² (saprmarks/dictionary_learning's)."""
+    """None: the penalty is λ · L0 (the paper's); T: λ · m · (L0/T − 1)² (saprmarks/dictionary_learning's,
+    times the L0Controller's m ≥ 1, which removes the excess over T the quadratic alone leaves)."""
     bandwidth: float = 0.001
     """ε, the width of the straight-through estimators' kernel."""
     initial_threshold: float = 0.001
@@ -680,6 +680,7 @@ class JumpReluFamilyTrainer(SAETrainer):
     gradients, `sparsity_loss` the L0 penalty; θ is kept ≥ 0 after each step."""
 
     default_lr = 7e-5
+    l0_controller_min_scale = 1.0  # (L0/T − 1)² already pulls the L0 up below T: integrate only above it
 
     def __init__(self, config: JumpReluFamilyConfig):
         if config.sparsity_warmup_steps is None:  # recorded resolved in cfg, so a resumed run keeps it
@@ -711,9 +712,6 @@ class JumpReluFamilyTrainer(SAETrainer):
     def dictionary_arguments(self) -> dict:
         return {}
 
-    def adapts_penalty_to_target_l0(self) -> bool:
-        return False  # target_l0 is the penalty (L0/T − 1)² here
-
     def jump_relu_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Features]:
         """(f W_dec [N, D_out] without b_dec, the batch's mean L0 (differentiable in θ), f detached)
         for inputs x [N, D].
@@ -743,13 +741,13 @@ class JumpReluFamilyTrainer(SAETrainer):
         return kernels.sparse_decode(codes, ae.W_dec), l0, codes.detached()
 
     def sparsity_loss(self, l0: torch.Tensor, step: int, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(λ(t) · S, S) with S = L0, or (L0/T − 1)² with a target T (L0 of the global batch, with
+        """(λ(t) · m · S, S) with S = L0 (m = 1), or (L0/T − 1)² with a target T (L0 of the global batch, with
         `replicas`: S is not linear in it). l0 is the mean over this rank's n_rows rows."""
         if self.cfg.target_l0 is None:
             sparsity = l0
         else:
             sparsity = (self.replicas.mean(l0, n_rows) / self.cfg.target_l0 - 1).pow(2)
-        return self.cfg.sparsity_penalty * sparsity_multiplier(step, self.cfg.sparsity_warmup_steps) * sparsity, sparsity
+        return self.cfg.sparsity_penalty * self.penalty_scale(step) * sparsity, sparsity
 
     def pre_activation_loss(self, x: torch.Tensor) -> torch.Tensor:
         """λ_p · (1/N) Σ_n Σ_{i∈S} ReLU(θ_i − π_ni) ‖W_dec,i‖ over the latents S that have not fired

@@ -11,8 +11,11 @@ and the loss penalises the number of active latents directly (no L1 proxy, so no
 
 λ(t) warms up linearly from 0 over `sparsity_warmup_steps` (default: the paper's 10,000 steps, or a
 tenth of the run when that is shorter). With `target_l0` = T the sparsity
-term is instead λ(t) · (L0/T − 1)², L0 the batch mean of ‖f_n‖₀ (saprmarks/dictionary_learning's
-option), which steers L0 towards T.
+term is instead λ(t) · m · (L0/T − 1)², L0 the batch mean of ‖f_n‖₀ (saprmarks/dictionary_learning's
+option, times m). The quadratic pulls the L0 towards T from both sides, but its pull vanishes at T
+while the reconstruction's does not, so alone it settles above T; m is the L0Controller's multiplier
+(base.py), kept ≥ 1: it grows while the L0 is above T until the L0 is T, and falls back to 1 while
+the L0 is below T, where the quadratic itself pulls it up (no wind-up there).
 
 H has zero derivative almost everywhere, so θ is trained with straight-through estimators: the
 pseudo-derivatives below, with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth ε
