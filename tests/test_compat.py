@@ -6,12 +6,10 @@
 - SAEBench: the attributes it reads off an SAE object, on every architecture of the registry.
 """
 import json
-import warnings
 
 import pytest
 import torch
 import torch as t
-import torch.nn.functional as F
 from lm_fixtures import documents, tiny_gpt_neox, tiny_language_model, tiny_tokenizer
 
 from dictionary_learning import ActivationBuffer, load_bundled_model, stdlib_text_stream, utils

@@ -338,7 +338,6 @@ def test_latent_page_shows_contexts_shaded_by_activation(browser, site, tmp_path
     page = browser.open(out / "latent.html", fragment=str(latent))
     page.wait_until(f"document.body.dataset.ready === '{latent}'")
     assert page.errors == []
-    context = stats.meta["context"]
     contexts = page.evaluate("""[...document.querySelectorAll('#top-activations .ctx')].map(row => ({
         value: row.querySelector('.val').textContent,
         tokens: [...row.querySelectorAll('.tok')].map(t => [t.textContent, t.dataset.v, t.title,

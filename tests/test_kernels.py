@@ -2,7 +2,6 @@
 values and gradients."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dictionary_learning.kernels as kernels_module
 from dictionary_learning import GatedAutoEncoder

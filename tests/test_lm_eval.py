@@ -1,6 +1,5 @@
 """Language-model metrics (`loss_recovered`, `evaluate`) against plain HF forwards with torch hooks."""
 import math
-import sys
 
 import pytest
 import torch
