@@ -75,7 +75,18 @@ def test_a_controller_with_a_floor_integrates_only_above_it():
 
 
 @pytest.mark.slow
-def test_jumprelu_reaches_a_target_its_soft_penalty_alone_misses():
-    trainer, metrics = run("JumpReluTrainer", 0.01)
+@pytest.mark.parametrize("name", ["JumpReluTrainer", "JumpReluTranscoderTrainer"])
+def test_jumprelu_reaches_a_target_its_soft_penalty_alone_misses(name):
+    if name == "JumpReluTrainer":
+        trainer, metrics = run(name, 0.01)  # m held at 1 instead: L0 31 for T = 8
+    else:  # a transcoder of the linear map y = x W_out
+        data = SyntheticActivations(activation_dim=32, n_features=128, mean_active=5, batch_size=512, seed=0)
+        w_out = torch.randn(32, 24, generator=torch.Generator().manual_seed(0)) / 32 ** 0.5
+        trainer = build_trainer({"trainer": name, "activation_dim": 32, "output_dim": 24, "dict_size": 128,
+                                 "sparsity_penalty": 0.01, "target_l0": TARGET, "warmup_steps": 20,
+                                 "sparsity_warmup_steps": 20, "seed": 0, "lr": 1e-3}, steps=1000)
+        for step in range(1000):
+            x = data.sample()
+            metrics = trainer.update(step, (x, x @ w_out))
     assert abs(trainer.l0_controller.mean_l0 - TARGET) < 0.2 * TARGET
     assert float(metrics["penalty_scale"]) > 10  # m grew: λ (L0/T − 1)² alone settles far above T

@@ -3,7 +3,8 @@ applied to a module's (input, output) pairs, as SAELens' jumprelu_transcoder):
 
     π = x W_enc + b_enc,   f = ReLU(π) ⊙ H(π − θ),   ŷ = f W_dec + b_dec  (+ x W_skipᵀ with skip=True)
 
-    L = (1/N) Σ_n ‖y_n − ŷ_n‖²  +  λ(t) · (1/N) Σ_n ‖f_n‖₀        (or λ(t) · m · (L0/T − 1)² with target_l0)
+    L = (1/N) Σ_n ‖y_n − ŷ_n‖²  +  λ(t) · (1/N) Σ_n ‖f_n‖₀        (or λ(t) · m · (L0/T − 1)² with target_l0,
+                                                                     m ≥ 1 as in jumprelu.py)
 
 The thresholds, their straight-through estimators, the L0 penalty, the optimiser and the sparse
 implementation are the JumpReLU family's (families.JumpReluFamilyTrainer; the method is written out
