@@ -155,7 +155,9 @@ class L0Controller:
     reaches `target` T. After each step past the sparsity warmup, with ℓ̄ the running mean
     (an EMA with β = 0.9) of the batch L0:
 
-        log m ← log m + clip(γ · log(ℓ̄ / T), −δ, δ),     γ = 0.03, δ = 0.02
+        log m ← max(log m_min, log m + clip(γ · log(ℓ̄ / T), −δ, δ)),     γ = 0.03, δ = 0.02
+
+    (m_min = `min_scale`, 0 unless the recipe's penalty itself pulls the L0 up below T: JumpReLU's)
 
     integral control on log λ: λ grows while the L0 is above T and shrinks while it is below, by at
     most 2% a step, so a λ that is 100× off is corrected in a few hundred steps, and λ settles where
