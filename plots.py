@@ -44,7 +44,7 @@ class PlotConfig:
     """resolution of the PNGs."""
 
 
-def _plain_log_ticks(axis) -> None:
+def plain_log_ticks(axis) -> None:
     """Tick labels of a log axis as plain numbers (20, 50, 100), not powers of ten."""
     from matplotlib.ticker import FuncFormatter
 
@@ -123,7 +123,7 @@ def plot_curves(run: Path, path: Path, dpi: int = 120) -> Path:
         if drawn:
             ax.set_yscale(scale)
             if scale == "log":
-                _plain_log_ticks(ax.yaxis)
+                plain_log_ticks(ax.yaxis)
         else:
             ax.text(0.5, 0.5, f"no {key} logged", ha="center", va="center", transform=ax.transAxes)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -187,7 +187,7 @@ def plot_frontier(runs: list[Path], path: Path, dpi: int = 120) -> Path:
                     ax.annotate(p["label"].partition(" ")[2], (p["l0"], p[key]), textcoords="offset points",
                                 xytext=(5, 4), fontsize="x-small", color=colour)
         ax.set_xscale("log")
-        _plain_log_ticks(ax.xaxis)
+        plain_log_ticks(ax.xaxis)
         ax.set_xlabel("L0 (active latents per token, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")

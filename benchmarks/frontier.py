@@ -362,7 +362,7 @@ def plot(table: list[dict], path: str, metrics: tuple[str, ...] = ("explained_va
     except ImportError:
         raise SystemExit("--png needs matplotlib: pip install matplotlib") from None
     _common.import_library()
-    from dictionary_learning.plots import _plain_log_ticks
+    from dictionary_learning.plots import plain_log_ticks
 
     figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.5))
     for name in dict.fromkeys(row["recipe"] for row in table):
@@ -370,7 +370,7 @@ def plot(table: list[dict], path: str, metrics: tuple[str, ...] = ("explained_va
         for axis, metric in zip(axes, metrics):
             axis.plot([row["l0"] for row in rows], [row[metric] for row in rows], marker="o", label=name)
             axis.set_xscale("log")
-            _plain_log_ticks(axis.xaxis)
+            plain_log_ticks(axis.xaxis)
             if metric in log_y:
                 axis.set_yscale("log")
             axis.set_xlabel("L0")

@@ -70,7 +70,7 @@ def test_a_controller_with_a_floor_integrates_only_above_it():
         free.update(l0_of(16), adapt=True)
         floored.update(l0_of(16), adapt=True)
     assert floored.scale > 2.0 and free.scale < floored.scale / 2
-    with pytest.raises(ValueError, match="min_scale must be >= 0"):
+    with pytest.raises(ValueError, match="min_scale must be a finite number >= 0"):
         L0Controller(8, min_scale=-1.0)
 
 

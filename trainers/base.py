@@ -77,9 +77,8 @@ class TrainerConfig:
         if self.lr is not None and not (is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"{name}: lr must be a positive finite number or None (the recipe's default); got "
                              f"{self.lr!r}")
-        penalty = getattr(self, "sparsity_penalty", None)
-        if penalty is not None and not (is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
-            raise ValueError(f"{name}: sparsity_penalty (λ) must be a finite number >= 0; got {penalty!r}")
+        if getattr(self, "sparsity_penalty", None) is not None:
+            check_weight(name, "sparsity_penalty (λ)", self.sparsity_penalty)
         if self.target_l0 is not None and not (is_number(self.target_l0) and 0 < self.target_l0 <= self.dict_size):
             raise ValueError(f"{name}: target_l0 must be a number in (0, dict_size={self.dict_size}] or None; got "
                              f"{self.target_l0!r}")
@@ -88,6 +87,12 @@ class TrainerConfig:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_weight(config_name: str, field: str, value: Any, note: str = "") -> None:
+    """A loss term's weight: a finite number >= 0 (`note` is added to the error)."""
+    if not (is_number(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{config_name}: {field} must be a finite number >= 0{note}; got {value!r}")
 
 
 def check_count(config_name: str, field: str, value: Any, minimum: int) -> None:
@@ -177,8 +182,8 @@ class L0Controller:
         so that only the error above T is integrated, and none winds up below it)."""
         if not target > 0:
             raise ValueError(f"target_l0 must be positive, got {target!r}")
-        if not min_scale >= 0:
-            raise ValueError(f"min_scale must be >= 0, got {min_scale!r}")
+        if not 0 <= min_scale < math.inf:
+            raise ValueError(f"min_scale must be a finite number >= 0, got {min_scale!r}")
         self.target = float(target)
         self.min_log_scale = math.log(min_scale) if min_scale > 0 else -math.inf
         self.log_scale = max(0.0, self.min_log_scale)

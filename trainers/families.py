@@ -32,7 +32,7 @@ from .base import (
     TrainerConfig,
     check_count,
     check_positive,
-    is_number,
+    check_weight,
     lr_multiplier,
     resample_dead_latents_,
 )
@@ -687,16 +687,9 @@ class JumpReluFamilyTrainer(SAETrainer):
             config = dataclasses.replace(config, sparsity_warmup_steps=default_jumprelu_sparsity_warmup(config.steps))
         super().__init__(config)
         name = type(self).__name__
-        if config.sparsity_penalty < 0:
-            raise ValueError(f"{name}: sparsity_penalty (λ) must be >= 0, got {config.sparsity_penalty}")
-        if config.target_l0 is not None and not config.target_l0 > 0:
-            raise ValueError(f"{name}: target_l0 must be positive or None, got {config.target_l0}")
-        if not config.bandwidth > 0:
+        if not config.bandwidth > 0:  # sparsity_penalty and target_l0 are checked by the config itself
             raise ValueError(f"{name}: bandwidth (ε) must be positive, got {config.bandwidth}")
-        penalty = config.pre_act_penalty
-        if not (is_number(penalty) and math.isfinite(penalty) and penalty >= 0):
-            raise ValueError(f"{name}: pre_act_penalty (λ_p) must be a finite number >= 0 (0 turns it off); got "
-                             f"{penalty!r}")
+        check_weight(name, "pre_act_penalty (λ_p)", config.pre_act_penalty, " (0 turns it off)")
         check_count(name, "pre_act_dead_tokens", config.pre_act_dead_tokens, minimum=1)
         warmup = config.sparsity_warmup_steps
         if warmup is not None and config.steps is not None and warmup > config.steps:

@@ -8,7 +8,8 @@ interpretability", whose skip transcoders add a linear skip connection).
 k fixes the sparsity, so the loss is the reconstruction error of the module's output y alone. As
 for TopK SAEs (Gao et al. 2024): unit-norm decoder rows kept by ConstrainedAdam, Adam β = (0.9,
 0.999), ε = 6.25e-10, LR 2e-4 / √(F / 2¹⁴) (times base.run_length_lr_scale) warming up over
-`warmup_steps` and decaying linearly to 0 over the last 20% of the steps. b_dec starts at the mean output (families.TranscoderFamilyTrainer).
+`warmup_steps` and decaying linearly to 0 over the last 20% of the steps. b_dec starts at the mean
+output (families.TranscoderFamilyTrainer).
 The decode is an embedding-bag sum over the k kept latents of each token (kernels.sparse_decode).
 """
 from __future__ import annotations
